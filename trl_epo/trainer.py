@@ -1,0 +1,264 @@
+"""EPOTrainer: TRL's GRPOTrainer plus the EPO entropy terms, computed from the loss's own forward pass."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+from trl.trainer.utils import pad
+
+from .config import EPOConfig
+from .objective import (
+    EntropyReference,
+    StepEntropy,
+    epo_regularizer,
+    phase_weight,
+    token_weights,
+    trajectory_weights,
+)
+
+
+EPO_STATE_NAME = "epo_state.json"
+TURN_IDS_KEY = "turn_ids"
+"""Per-token turn index of each completion, as a list per rollout (returned by a `rollout_func` next to `env_mask`).
+
+The trainer pads it to the completion width with -1 and passes it to the loss as ``inputs["turn_ids"]``. Values on
+environment/template tokens are ignored (the env mask removes them); without it every completion is one turn.
+"""
+
+
+class EPOTrainer(GRPOTrainer):
+    """GRPO with Entropy-regularized Policy Optimization (Xu et al., 2025, arXiv 2509.22576).
+
+    The loss is TRL's GRPO loss for the configured `loss_type`, unchanged, plus
+
+        -lambda * L_H + lambda * beta_k * L_smooth                                             (Eq. 6)
+
+    where `L_H` is the trajectory-level entropy of the action tokens (Eq. 2), `L_smooth` the differentiable corridor
+    penalty around the historical entropy reference (Eqs. 3-4) and `beta_k` the phase weight (Eq. 5). The per-token
+    entropies (with gradient) are the ones TRL's fused LM head already computes in the policy forward of the loss:
+    EPO adds no forward pass.
+
+    Multi-turn data: a `rollout_func` may return `env_mask` (1 on model tokens; TRL uses it as the loss mask) and
+    `turn_ids` (per-token turn index, see `TURN_IDS_KEY`); both reach the loss. Without `turn_ids` each completion is
+    one turn, so single-turn datasets work unchanged.
+
+    The entropy reference is updated exactly once per optimizer step with that step's mean action-token entropy,
+    reduced over all processes and gradient-accumulation micro-batches, so it is identical on every rank. It is saved
+    as `epo_state.json` in every checkpoint and restored by `resume_from_checkpoint`.
+
+    Args: those of [`~trl.GRPOTrainer`]; `args` must be an [`EPOConfig`].
+    """
+
+    _tag_names = ["trl", "grpo", "epo", "reinforcement-learning"]
+    _name = "EPO"
+    _paper = {
+        "title": "EPO: Entropy-regularized Policy Optimization for LLM Agents Reinforcement Learning",
+        "id": "2509.22576",
+        "citation": (
+            "@article{xu2025epo,\n"
+            "    title        = {{EPO: Entropy-regularized Policy Optimization for LLM Agents Reinforcement Learning}},\n"
+            "    author       = {Wujiang Xu and others},\n"
+            "    year         = 2025,\n"
+            "    eprint       = {arXiv:2509.22576}\n"
+            "}"
+        ),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: EPOConfig | None = None, *pos, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = EPOConfig(output_dir=f"{str(name).split('/')[-1]}-EPO")
+        if not isinstance(args, EPOConfig):
+            raise TypeError(
+                f"EPOTrainer needs an EPOConfig, got {type(args).__name__}. Build one with the same arguments: "
+                "`EPOConfig(**your_grpo_config.to_dict())` plus the `epo_*` settings."
+            )
+        super().__init__(model, reward_funcs, args, *pos, **kwargs)
+        self.epo_reference = EntropyReference(
+            args.epo_reference, ema_decay=args.epo_reference_ema_decay, window=args.epo_reference_window
+        )
+        self._epo_capture = False
+        self._epo_entropies: torch.Tensor | None = None
+        self._epo_window: dict[str, torch.Tensor] | None = None  # local sums of the current accumulation window
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Data: carry the rollout's per-token turn ids into the loss inputs
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        # TRL merges a rollout_func's extra fields into the input rows (for reward functions); pick up the turn ids.
+        if inputs and TURN_IDS_KEY in inputs[0]:
+            width = output["completion_ids"].size(1)
+            rows = []
+            for row in inputs:
+                ids = torch.as_tensor(row[TURN_IDS_KEY], dtype=torch.long)[:width]
+                rows.append(torch.cat([ids, ids.new_full((width - ids.numel(),), -1)]))
+            output[TURN_IDS_KEY] = pad(rows, padding_value=-1).to(output["completion_ids"].device)
+        return output
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._epo_capture and entropies is not None:
+            self._epo_entropies = entropies  # the loss forward's entropies, with their graph
+        return logps, entropies, aux_loss
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        self._epo_capture, self._epo_entropies = True, None
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._epo_capture = False
+        entropies, self._epo_entropies = self._epo_entropies, None
+        if entropies is None:  # pragma: no cover - TRL always computes entropies in the loss forward
+            raise RuntimeError("EPOTrainer could not read the loss forward's entropies; check the TRL version (>=1.16).")
+
+        args: EPOConfig = self.args
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:  # env_mask from a rollout_func: 1 on model tokens only
+            mask = mask * inputs["tool_mask"]
+        turn_ids = inputs.get(TURN_IDS_KEY)
+        if turn_ids is None:
+            turn_ids = torch.zeros_like(mask, dtype=torch.long)
+
+        if args.epo_entropy_aggregation == "trajectory":
+            weights = trajectory_weights(mask, turn_ids)
+        else:
+            weights = token_weights(mask)
+        total_steps = max(1, self.state.max_steps)
+        step = min(self.state.global_step, total_steps)
+        beta = phase_weight(step, total_steps, args.epo_phase_gamma, args.epo_phase_schedule)
+        reference = self.epo_reference.per_token(turn_ids, dtype=entropies.dtype)
+        terms = epo_regularizer(
+            entropies,
+            weights,
+            mask,
+            entropy_coef=args.epo_entropy_coef,
+            beta=beta,
+            reference=reference,
+            alpha=args.epo_smoothing_alpha,
+            kappa_low=args.epo_kappa_low,
+            kappa_high=args.epo_kappa_high,
+            smoothing=args.epo_smoothing,
+        )
+        if args.epo_enabled:
+            # Same gradient-accumulation scaling as TRL's loss and entropy bonus (loss_is_scaled_for_ga).
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + terms.regularizer / normalizer
+
+        # Metrics, reduced across processes.
+        stats = torch.stack([terms.entropy, terms.smooth_penalty]).float()
+        stats = self.accelerator.gather(stats.unsqueeze(0)).mean(0)
+        self._metrics[mode]["epo/entropy"].append(stats[0].item())
+        self._metrics[mode]["epo/smooth_penalty"].append(stats[1].item())
+        self._metrics[mode]["epo/beta"].append(beta)
+        if reference is not None:
+            outside = (terms.out_of_corridor_frac * mask.sum()).detach().float()
+            counts = self.accelerator.reduce(torch.stack([outside, mask.sum().float()]), reduction="sum")
+            self._metrics[mode]["epo/out_of_corridor_frac"].append((counts[0] / counts[1].clamp(min=1)).item())
+            self._metrics[mode]["epo/reference"].append(float(self.epo_reference.value()))
+
+        if mode == "train":
+            self._epo_accumulate(entropies.detach(), mask, turn_ids)
+            if self.accelerator.sync_gradients:
+                self._epo_end_of_step()
+        return loss
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The entropy reference: one update per optimizer step, from globally reduced statistics
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _epo_accumulate(self, entropies: torch.Tensor, mask: torch.Tensor, turn_ids: torch.Tensor) -> None:
+        mask = mask.float()
+        slots = int(turn_ids.max().clamp(min=0).item()) + 1
+        index = turn_ids.clamp(min=0).flatten()
+        turn_sum = torch.zeros(slots, device=mask.device).scatter_add_(0, index, (entropies.float() * mask).flatten())
+        turn_count = torch.zeros(slots, device=mask.device).scatter_add_(0, index, mask.flatten())
+        window = self._epo_window
+        if window is None:
+            self._epo_window = {"turn_sum": turn_sum, "turn_count": turn_count}
+            return
+        size = max(slots, window["turn_sum"].numel())
+        for key, value in (("turn_sum", turn_sum), ("turn_count", turn_count)):
+            grown = torch.zeros(size, device=mask.device)
+            grown[: window[key].numel()] += window[key]
+            grown[:slots] += value
+            window[key] = grown
+
+    def _epo_end_of_step(self) -> None:
+        window, self._epo_window = self._epo_window, None
+        device = self.accelerator.device
+        local = torch.tensor([0 if window is None else window["turn_sum"].numel()], device=device)
+        slots = int(self.accelerator.gather(local).max().item())
+        if slots == 0:
+            return
+        buffer = torch.zeros(2, slots, device=device)
+        if window is not None:
+            buffer[0, : window["turn_sum"].numel()] = window["turn_sum"]
+            buffer[1, : window["turn_count"].numel()] = window["turn_count"]
+        buffer = self.accelerator.reduce(buffer, reduction="sum")
+        total = buffer[1].sum().item()
+        mean = buffer[0].sum().item() / total if total > 0 else math.nan
+        turn_means = {t: (buffer[0, t] / buffer[1, t]).item() for t in range(slots) if buffer[1, t] > 0}
+        self.epo_reference.update(StepEntropy(mean=mean, turn_means=turn_means))
+        self._metrics["train"]["epo/step_entropy"].append(mean)
+        if len(turn_means) > 1 or (turn_means and self.args.epo_reference == "per_turn"):
+            for t, value in turn_means.items():
+                self._metrics["train"][f"epo/entropy_turn/{t}"].append(value)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checkpointing
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _epo_state(self) -> dict:
+        return {"reference": self.epo_reference.state_dict(), "global_step": self.state.global_step}
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            output_dir = os.path.join(self._get_output_dir(trial=trial), folder)
+            write_json_atomic(os.path.join(output_dir, EPO_STATE_NAME), self._epo_state())
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, EPO_STATE_NAME)
+        if os.path.exists(path):
+            with open(path) as f:
+                self.epo_reference.load_state_dict(json.load(f)["reference"])
+        elif self.args.epo_enabled:
+            raise FileNotFoundError(
+                f"{path} is missing, so the EPO entropy reference cannot be restored. Resume from a checkpoint written "
+                "by EPOTrainer, or start a new run."
+            )
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Write JSON so that a crash never leaves a half-written file (temp file + atomic rename)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
