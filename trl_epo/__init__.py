@@ -1,18 +1,40 @@
-"""trl_epo: Entropy-regularized Policy Optimization (EPO) for multi-turn LLM agents, on TRL."""
+"""trl_epo: Entropy-regularized Policy Optimization (EPO) for multi-turn LLM agents, on TRL.
 
-from .config import EPOConfig
-from .objective import EntropyReference, corridor_penalty, phase_weight, trajectory_mean, trajectory_weights
-from .trainer import EPOTrainer
+The public names are imported lazily, so that light modules (``trl_epo.envs.*``) load fast in environment worker
+processes without importing torch or TRL.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "EPOConfig",
-    "EPOTrainer",
-    "EntropyReference",
-    "corridor_penalty",
-    "phase_weight",
-    "trajectory_mean",
-    "trajectory_weights",
-]
+_EXPORTS = {
+    "EPOConfig": "trl_epo.config",
+    "EPOTrainer": "trl_epo.trainer",
+    "EntropyReference": "trl_epo.objective",
+    "corridor_penalty": "trl_epo.objective",
+    "phase_weight": "trl_epo.objective",
+    "trajectory_mean": "trl_epo.objective",
+    "trajectory_weights": "trl_epo.objective",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import EPOConfig
+    from .objective import EntropyReference, corridor_penalty, phase_weight, trajectory_mean, trajectory_weights
+    from .trainer import EPOTrainer
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trl_epo' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

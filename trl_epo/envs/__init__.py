@@ -1,0 +1,38 @@
+"""Text environments for multi-turn agent RL (the `TextEnv` protocol, a parallel pool, and adapters).
+
+Adapters are imported lazily: `from trl_epo.envs import ScienceWorldEnv` needs the `scienceworld` package (and Java)
+only when that name is used.
+"""
+
+from importlib import import_module
+
+from .base import ActionFormat, PromptStyle, StepResult, TaskSpec, TextEnv, parse_action, task_rows
+from .pool import EnvPool
+
+
+_LAZY = {
+    "ToyEnv": "trl_epo.envs.toy",
+    "FaultyToyEnv": "trl_epo.envs.toy",
+    "ScienceWorldEnv": "trl_epo.envs.sciworld",
+    "AlfWorldEnv": "trl_epo.envs.alfworld",
+}
+
+__all__ = [
+    "ActionFormat",
+    "EnvPool",
+    "PromptStyle",
+    "StepResult",
+    "TaskSpec",
+    "TextEnv",
+    "parse_action",
+    "task_rows",
+    *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trl_epo.envs' has no attribute {name!r}")
