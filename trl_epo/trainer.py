@@ -26,6 +26,7 @@ from .objective import (
 
 
 EPO_STATE_NAME = "epo_state.json"
+EPO_RUN_NAME = "epo_run.json"
 TURN_IDS_KEY = "turn_ids"
 """Per-token turn index of each completion, as a list per rollout (returned by a `rollout_func` next to `env_mask`).
 
@@ -110,9 +111,24 @@ class EPOTrainer(GRPOTrainer):
 
     def train(self, *args, **kwargs):
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
         finally:
             self.close_envs()
+        if self.args.should_save:
+            self.save_state()  # trainer_state.json (log history) next to the final model, for plots
+            write_json_atomic(os.path.join(self.args.output_dir, EPO_RUN_NAME), self.epo_run_summary())
+        return output
+
+    def epo_run_summary(self) -> dict:
+        """The EPO settings of this run and its entropy reference (written as `epo_run.json` after training)."""
+        settings = {k: v for k, v in self.args.to_dict().items() if k.startswith(("epo_", "env_"))}
+        return {
+            "epo": settings,
+            "reference": self.epo_reference.state_dict(),
+            "final_reference": self.epo_reference.value(),
+            "global_step": self.state.global_step,
+            "max_steps": self.state.max_steps,
+        }
 
     def close_envs(self) -> None:
         """Stop the environment workers of the multi-turn rollout (they restart on the next rollout)."""
