@@ -8,7 +8,7 @@ the completion. The env settings are saved next to the model (``sciworld_env.jso
 Offline, on CPU, with a tiny model built locally (a few minutes):
 
     python examples/sft_sciworld.py --tiny_model --num_tasks 64 --output_dir out/sft-sciworld-tiny \\
-        --max_steps 200 --per_device_train_batch_size 8 --learning_rate 3e-3 --max_length 2048 \\
+        --max_steps 200 --per_device_train_batch_size 4 --learning_rate 3e-3 --max_length 8192 \\
         --use_cpu --bf16 False --report_to none
 
 A real model (one GPU; or `accelerate launch` for several):
@@ -35,8 +35,10 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, 
 from trl_epo.envs.sciworld import (  # noqa: E402
     SCIWORLD_INSTRUCTION,
     check_java,
+    enable_assistant_masks,
     expert_sft_dataset,
     sciworld_prompt_style,
+    to_prompt_completion,
 )
 
 
@@ -60,6 +62,11 @@ class SciWorldSFTArguments:
         default="reset", metadata={"help": "Action templates in the first observation ('reset'), 'every_step', 'never'."}
     )
     env_workers: int = field(default=1, metadata={"help": "Parallel simulator JVMs used to replay the gold paths."})
+    whole_episodes: bool = field(
+        default=True,
+        metadata={"help": "Train on whole episodes (loss on every answer) when the chat template can mark assistant "
+                  "turns; else, or with False, one prompt/completion row per turn."},
+    )
     tiny_model: bool = field(
         default=False,
         metadata={"help": "Build a tiny tokenizer (trained on the expert data) and model locally: no download, CPU."},
@@ -79,7 +86,7 @@ def load_model_and_tokenizer(args: SciWorldSFTArguments, model_args: ModelConfig
     if args.tiny_model:
         from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer
 
-        texts = [m["content"] for row in dataset for m in row["prompt"] + row["completion"]]
+        texts = [m["content"] for row in dataset for m in row["messages"]]
         tokenizer = build_tiny_tokenizer(texts[:20_000], vocab_size=args.tiny_vocab_size)
         model = build_tiny_model(tokenizer, hidden_size=args.tiny_hidden_size, num_layers=args.tiny_num_layers,
                                  max_position_embeddings=8192)
@@ -101,7 +108,7 @@ def load_model_and_tokenizer(args: SciWorldSFTArguments, model_args: ModelConfig
 
 
 def drop_too_long(dataset, tokenizer, max_length: int | None):
-    """SFT truncates from the end (`keep_start`), which would cut the expert answer: drop such rows instead."""
+    """SFT truncates from the end (`keep_start`), which would cut a turn's expert answer: drop such rows instead."""
     if not max_length:
         return dataset
 
@@ -133,14 +140,22 @@ def main():
         prompt_style=sciworld_prompt_style(),
         env_kwargs=env_kwargs,
         num_workers=script_args.env_workers,
+        format="messages",
     )
-    episodes = len({(t, v) for t, v in zip(dataset["task"], dataset["variation"])})
-    print(f"Expert data: {len(dataset)} turns from {episodes} solved gold episodes "
-          f"({script_args.num_tasks} tasks drawn from {script_args.split}).")
+    print(f"Expert data: {len(dataset)} solved gold episodes ({script_args.num_tasks} tasks drawn from "
+          f"{script_args.split}).")
 
     model, tokenizer = load_model_and_tokenizer(script_args, model_args, training_args, dataset)
-    dataset = drop_too_long(dataset, tokenizer, training_args.max_length)
-    dataset = dataset.remove_columns([c for c in dataset.column_names if c not in ("prompt", "completion")])
+    # Whole episodes with the loss on every expert answer when the chat template can mark assistant turns (ChatML,
+    # e.g. the tiny tokenizer); otherwise one prompt/completion row per turn (loss on the completion).
+    if script_args.whole_episodes and enable_assistant_masks(tokenizer):
+        training_args.assistant_only_loss = True
+        dataset = dataset.select_columns(["messages"])
+        print("Training on whole episodes (assistant_only_loss).")
+    else:
+        dataset = drop_too_long(to_prompt_completion(dataset), tokenizer, training_args.max_length)
+        dataset = dataset.select_columns(["prompt", "completion"])
+        print(f"Training on {len(dataset)} prompt/completion turns.")
 
     trainer = SFTTrainer(
         model=model,

@@ -23,10 +23,12 @@ from trl_epo.envs.sciworld import (  # noqa: E402
     JavaNotFoundError,
     ScienceWorldEnv,
     expert_sft_dataset,
+    enable_assistant_masks,
     find_java,
     make_dataset,
     make_tasks,
     split_pairs,
+    to_prompt_completion,
 )
 
 
@@ -87,6 +89,7 @@ def test_make_dataset_rows_and_sampling():
     assert balanced[0].extra == {"simplification": "openDoors"}
     with pytest.raises(ValueError, match="Unknown ScienceWorld split"):
         make_tasks("validation")
+    assert len(make_tasks("heldout")) == 549  # the env registry's name for held_out_types
 
 
 def test_grpo_groups_share_task_and_variation():
@@ -366,8 +369,28 @@ def test_expert_sft_dataset_replays_gold_paths_in_the_rollout_format():
     finally:
         replay.close()
 
-    whole = expert_sft_dataset("train", num_tasks=1, seed=0, task_types=types[:1], format="messages")
+    # One row per episode, and back to one row per turn.
+    whole = expert_sft_dataset(tasks=[task(first_task, rows[0]["variation"])], format="messages")
     messages = whole[0]["messages"]
     assert messages[-1]["role"] == "assistant" and messages[0]["role"] == "system"
     answers = [fmt.parse(m["content"]) for m in messages if m["role"] == "assistant"]
     assert answers and all(answers) and whole[0]["won"]
+    turns = to_prompt_completion(whole)
+    assert len(turns) == len(answers) and turns["turn"] == list(range(len(answers)))
+    assert turns[len(answers) - 1]["prompt"] + turns[len(answers) - 1]["completion"] == messages
+
+
+def test_chatml_template_gains_assistant_masks_without_changing_its_rendering(tokenizer):
+    from trl_epo.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    conversation = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "<action>look around</action>"}, {"role": "user", "content": "v"}]
+    before = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert enable_assistant_masks(tok)
+    assert tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == before
+    out = tok.apply_chat_template(conversation[:3], return_assistant_tokens_mask=True, return_dict=True)
+    answer = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert tok.decode(answer) == "<action>look around</action><|im_end|>"
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # not ChatML: left alone
+    assert not enable_assistant_masks(tok)

@@ -81,7 +81,8 @@ SPLITS: dict[str, tuple[tuple[str, ...], str]] = {
     "held_out_types": (HELD_OUT_TASK_TYPES, "test"),  # 549 pairs (L2 evaluation)
     "train_seen_types": (SEEN_TASK_TYPES, "train"),  # 2242 pairs (L2 training set)
 }
-SPLIT_ALIASES = {"dev": "iid", "test": "ood", "l0": "iid", "l1": "ood", "l2": "held_out_types"}
+SPLIT_ALIASES = {"dev": "iid", "test": "ood", "l0": "iid", "l1": "ood", "l2": "held_out_types",
+                 "heldout": "held_out_types", "held_out": "held_out_types"}
 
 # Simulator replies meaning "the command was not understood / not carried out".
 INVALID_REPLY_PREFIXES = (
@@ -755,6 +756,7 @@ def expert_sft_dataset(
     env_kwargs: Mapping[str, Any] | None = None,
     num_workers: int = 1,
     keep_unsolved: bool = False,
+    tasks: Sequence[TaskSpec | Mapping[str, Any]] | None = None,
 ):
     """A chat-format SFT `datasets.Dataset` from ScienceWorld gold paths, in the rollout's message format.
 
@@ -765,14 +767,17 @@ def expert_sft_dataset(
     conversation in ``messages`` (train on assistant turns only with ``assistant_only_loss=True`` and a chat template
     that marks them). Every row also carries the task columns (`task`, `variation`, `turn`, `won`).
 
-    Use the same `prompt_style` and `env_kwargs` (observation settings, `max_turns`) as the RL run that follows.
+    The tasks are drawn with `make_tasks(split, num_tasks, seed, simplification, task_types, balanced)`, or given
+    explicitly as `tasks` (TaskSpecs or dataset rows). Use the same `prompt_style` and `env_kwargs` (observation
+    settings, `max_turns`) as the RL run that follows.
     """
     from datasets import Dataset
 
     if format not in SFT_FORMATS:
         raise ValueError(f"format must be one of {SFT_FORMATS}, got {format!r}.")
-    tasks = make_tasks(split, num_tasks=num_tasks, seed=seed, simplification=simplification, task_types=task_types,
-                       balanced=balanced)
+    if tasks is None:
+        tasks = make_tasks(split, num_tasks=num_tasks, seed=seed, simplification=simplification,
+                           task_types=task_types, balanced=balanced)
     episodes = gold_episodes(tasks, env_kwargs=env_kwargs, num_workers=num_workers, keep_unsolved=keep_unsolved)
     if not episodes:
         raise ValueError(
@@ -801,3 +806,70 @@ def expert_sft_dataset(
             for key, value in row.items():
                 columns[key].append(value)
     return Dataset.from_dict(columns)
+
+
+def to_prompt_completion(dataset):
+    """Turn a ``format="messages"`` expert dataset (one row per episode) into one row per turn: ``prompt`` = the
+    conversation before an answer, ``completion`` = that answer (other columns are kept; `turn` is the answer's
+    index)."""
+    from datasets import Dataset
+
+    if "messages" not in dataset.column_names:
+        raise ValueError("to_prompt_completion needs a dataset with a `messages` column (format='messages').")
+    extra = [c for c in dataset.column_names if c not in ("messages", "turn")]
+    columns: dict[str, list] = {name: [] for name in (*extra, "turn", "prompt", "completion")}
+    for row in dataset:
+        messages = row["messages"]
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for turn, i in enumerate(answers):
+            for name in extra:
+                columns[name].append(row[name])
+            columns["turn"].append(turn)
+            columns["prompt"].append(messages[:i])
+            columns["completion"].append([messages[i]])
+    return Dataset.from_dict(columns)
+
+
+# A ChatML chat template that renders exactly like plain ChatML but marks the assistant turns with
+# {% generation %}, so TRL's SFTTrainer can train on every assistant turn of a whole episode in one sequence
+# (`assistant_only_loss=True`) instead of one row per turn.
+CHATML_TRAINING_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+_PROBE_CONVERSATIONS = (
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
+     {"role": "user", "content": "V"}],
+    [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}],
+)
+
+
+def enable_assistant_masks(tokenizer) -> bool:
+    """Whether `tokenizer`'s chat template marks assistant turns (needed by SFT's `assistant_only_loss`). A plain
+    ChatML template (as `trl_epo.tiny` builds) is swapped for `CHATML_TRAINING_TEMPLATE`, which renders every
+    conversation identically; any other template is left alone (returns False: train on prompt/completion rows)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return False
+    if "generation" in template and "endgeneration" in template:
+        return True
+
+    def render(chat_template, messages, prompt):
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=prompt)
+
+    try:
+        same = all(render(template, m, p) == render(CHATML_TRAINING_TEMPLATE, m, p)
+                   for m in _PROBE_CONVERSATIONS for p in (False, True))
+    except Exception:
+        return False
+    if same:
+        tokenizer.chat_template = CHATML_TRAINING_TEMPLATE
+    return same
