@@ -1,0 +1,289 @@
+"""EPO on ScienceWorld: multi-turn episodes in simulator JVMs, GRPO advantages, the EPO entropy terms.
+
+Paper settings (Qwen2.5-7B-Instruct; edit the config for your GPUs):
+
+    accelerate launch examples/train_sciworld.py --config examples/configs/sciworld_qwen2.5-7b.yaml
+
+Offline quickstart on a CPU (a tiny model and tokenizer built locally, warm-started on gold paths, then a few EPO
+steps and a success evaluation; about 10 minutes on 2 cores):
+
+    python examples/train_sciworld.py --config examples/configs/sciworld_quickstart_tiny.yaml
+
+Any `EPOConfig` / `ModelConfig` field can be given as a flag (``--epo_entropy_coef 0`` is plain GRPO), as can the
+`SciWorldTrainArguments` below. The run writes the model, `trainer_state.json`, `epo_run.json`, every episode's
+transcript (`rollouts/*.jsonl`) and, with ``--num_eval_tasks``, `eval_<split>.json` to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+
+from trl_epo import EPOConfig, EPOTrainer
+from trl_epo.envs import TaskSpec
+from trl_epo.envs.sciworld import (
+    SCIWORLD_INSTRUCTION,
+    ScienceWorldEnv,
+    check_java,
+    enable_assistant_masks,
+    expert_sft_dataset,
+    make_dataset,
+    make_tasks,
+    sciworld_prompt_style,
+    to_prompt_completion,
+)
+from trl_epo.rollout import RolloutConfig, TrainerGenerator
+
+
+@dataclass
+class SciWorldTrainArguments:
+    """Tasks, environment settings, optional warm start and the final evaluation."""
+
+    train_split: str = field(default="train", metadata={"help": "Training split (train, train_seen_types, ...)."})
+    num_train_tasks: int | None = field(default=None, metadata={"help": "Draw this many training tasks (None: all)."})
+    task_types: list[str] | None = field(default=None, metadata={"help": "Only these task types (default: all)."})
+    balanced: bool = field(default=True, metadata={"help": "Draw task types round-robin rather than by variations."})
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the task draws."})
+    simplification: str = field(default="easy", metadata={"help": "Simulator simplification preset."})
+    success_rule: str = field(
+        default="score",
+        metadata={"help": "'score' (won = score 100) or 'paper' (done and score > 0: gameable, replication only).",
+                  "choices": ["score", "paper"]},
+    )
+    show_objects: bool = field(default=True, metadata={"help": "Observations list the objects the agent can name."})
+    show_action_templates: str = field(
+        default="reset", metadata={"help": "Action templates in the first observation ('reset'), 'every_step', 'never'."}
+    )
+    admissible_actions: bool = field(
+        default=False, metadata={"help": "Compute the valid-action list every step (slow; shown when listed)."}
+    )
+    max_observation_chars: int = field(default=4000, metadata={"help": "Longer observations are cut."})
+    # evaluation after training
+    eval_split: str = field(default="iid", metadata={"help": "Split evaluated after training (iid, ood, held_out_types)."})
+    num_eval_tasks: int = field(default=0, metadata={"help": "Tasks evaluated after training (0: no evaluation)."})
+    eval_on_train_tasks: bool = field(
+        default=False,
+        metadata={"help": "Evaluate on the training tasks (cycled to --num_eval_tasks episodes) instead of --eval_split."},
+    )
+    eval_temperature: float = field(default=0.4, metadata={"help": "Sampling temperature of the evaluation (paper 0.4)."})
+    # offline tiny model
+    tiny_model: bool = field(
+        default=False, metadata={"help": "Build a tiny tokenizer (trained on ScienceWorld text) and model locally."}
+    )
+    tiny_hidden_size: int = field(default=128, metadata={"help": "Tiny model width."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "Tiny model depth."})
+    tiny_vocab_size: int = field(default=2048, metadata={"help": "Tiny tokenizer vocabulary size."})
+    # warm start on gold paths (behaviour cloning) before EPO
+    warm_start_steps: int = field(default=0, metadata={"help": "SFT steps on gold paths before EPO (0: none)."})
+    warm_start_tasks: int = field(default=32, metadata={"help": "Gold episodes drawn for the warm start."})
+    warm_start_on_train_tasks: bool = field(
+        default=False, metadata={"help": "Warm-start on the gold paths of the EPO training tasks themselves."}
+    )
+    warm_start_learning_rate: float = field(default=3e-3, metadata={"help": "Warm-start learning rate."})
+    warm_start_batch_size: int = field(default=8, metadata={"help": "Warm-start batch size."})
+    warm_start_max_length: int = field(default=4096, metadata={"help": "Warm-start sequence length limit."})
+
+
+def env_kwargs_of(script_args: SciWorldTrainArguments, training_args: EPOConfig) -> dict:
+    return dict(
+        max_turns=training_args.env_max_turns,
+        success_rule=script_args.success_rule,
+        show_objects=script_args.show_objects,
+        show_action_templates=script_args.show_action_templates,
+        admissible_actions=script_args.admissible_actions,
+    )
+
+
+def warm_start(model, tokenizer, expert, script_args: SciWorldTrainArguments, training_args: EPOConfig):
+    """Behaviour cloning on gold paths with TRL's SFTTrainer, loss on the expert answers only: whole episodes with
+    `assistant_only_loss` when the chat template can mark assistant turns, else one prompt/completion row per turn."""
+    whole_episodes = enable_assistant_masks(tokenizer)
+    if whole_episodes:
+        data = expert.select_columns(["messages"])
+    else:
+        def fits(row):
+            text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= script_args.warm_start_max_length
+
+        data = to_prompt_completion(expert).filter(fits).select_columns(["prompt", "completion"])
+    unit = "whole gold episodes" if whole_episodes else "gold-path turns"
+    print(f"Warm start: {script_args.warm_start_steps} SFT steps on {len(data)} {unit}")
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="sciworld-warm-start-"),
+        max_steps=script_args.warm_start_steps,
+        per_device_train_batch_size=script_args.warm_start_batch_size,
+        learning_rate=script_args.warm_start_learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        max_length=script_args.warm_start_max_length,
+        assistant_only_loss=whole_episodes,
+        logging_steps=max(1, script_args.warm_start_steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=training_args.use_cpu,
+        bf16=training_args.bf16,
+        gradient_checkpointing=training_args.gradient_checkpointing,
+        seed=training_args.seed,
+        disable_tqdm=training_args.disable_tqdm,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print(f"Warm start done: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def evaluate(trainer: EPOTrainer, tasks, temperature: float, split: str) -> dict:
+    """Play each task once with the trained policy; report strict and paper-rule success with 95% intervals."""
+    accelerator = trainer.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tasks = tasks[: len(tasks) - len(tasks) % world] if len(tasks) >= world else tasks
+    shard = tasks[rank::world]
+    rollout = trainer.rollout_func
+    saved = trainer.generation_config.temperature
+    trainer.generation_config.temperature = temperature
+    trainer.model.eval()
+    try:
+        episodes, _ = rollout.play(shard, TrainerGenerator(trainer, rollout.config), trainer.processing_class)
+    finally:
+        trainer.generation_config.temperature = saved
+        rollout.close()
+    rows = [{"task": e.task.task, "variation": e.task.variation, "won": bool(e.won),
+             "won_paper": bool(e.info.get("won_paper", e.won)), "score": e.score, "turns": e.turns,
+             "invalid_turns": e.invalid_turns, "env_error": e.env_error} for e in episodes]
+    rows = accelerator.gather_object(rows) if world > 1 else rows
+    n = len(rows)
+    won, won_paper = sum(r["won"] for r in rows), sum(r["won_paper"] for r in rows)
+    return {
+        "split": split,
+        "episodes": n,
+        "temperature": temperature,
+        "success_rate": won / max(1, n),
+        "success_rate_ci95": wilson_interval(won, n),
+        "success_rate_paper_rule": won_paper / max(1, n),
+        "success_rate_paper_rule_ci95": wilson_interval(won_paper, n),
+        "mean_score": sum(r["score"] for r in rows) / max(1, n),
+        "env_errors": sum(r["env_error"] is not None for r in rows),
+        "episodes_detail": rows,
+    }
+
+
+def main():
+    parser = TrlParser((SciWorldTrainArguments, EPOConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config()
+    check_java()
+
+    env_kwargs = env_kwargs_of(script_args, training_args)
+    style = sciworld_prompt_style(
+        instruction=training_args.env_instruction or SCIWORLD_INSTRUCTION,
+        show_admissible_actions=training_args.env_show_admissible_actions,
+        max_observation_chars=script_args.max_observation_chars,
+    )
+    task_kwargs = dict(task_types=script_args.task_types, balanced=script_args.balanced,
+                       simplification=script_args.simplification)
+    dataset = make_dataset(script_args.train_split, num_tasks=script_args.num_train_tasks,
+                           seed=script_args.dataset_seed, **task_kwargs)
+    train_tasks = [TaskSpec.from_row(row) for row in dataset]
+    print(f"Training on {len(dataset)} ScienceWorld tasks ({script_args.train_split}), "
+          f"{len({t.task for t in train_tasks})} task types")
+
+    # Gold-path expert data: for the warm start, and as the tiny tokenizer's training text.
+    expert = None
+    if script_args.warm_start_steps > 0 or script_args.tiny_model:
+        if script_args.warm_start_on_train_tasks:
+            expert_tasks = train_tasks
+        else:
+            expert_tasks = make_tasks(script_args.train_split, num_tasks=script_args.warm_start_tasks,
+                                      seed=script_args.dataset_seed + 1, **task_kwargs)
+        expert = expert_sft_dataset(tasks=expert_tasks, prompt_style=style, env_kwargs=env_kwargs, format="messages")
+        print(f"Expert data: {len(expert)} solved gold episodes of {len(expert_tasks)} drawn tasks")
+
+    if script_args.tiny_model:
+        from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer
+
+        texts = [m["content"] for row in expert for m in row["messages"][1:]] + [style.instruction]
+        tokenizer = build_tiny_tokenizer(texts[:20_000], vocab_size=script_args.tiny_vocab_size)
+        model = build_tiny_model(tokenizer, hidden_size=script_args.tiny_hidden_size,
+                                 num_layers=script_args.tiny_num_layers, max_position_embeddings=16384,
+                                 seed=training_args.seed)
+    else:
+        if not model_args.model_name_or_path:
+            raise ValueError("Give --model_name_or_path (a Hub id or local directory), or --tiny_model.")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                                  trust_remote_code=training_args.trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+                           attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+        if script_args.warm_start_steps > 0:
+            model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **init_kwargs)
+        else:  # let TRL load it (DeepSpeed ZeRO-3 friendly)
+            training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
+            model = model_args.model_name_or_path
+
+    if script_args.warm_start_steps > 0:
+        model = warm_start(model, tokenizer, expert, script_args, training_args)
+
+    trainer = EPOTrainer(
+        model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        env_factory=functools.partial(ScienceWorldEnv, **env_kwargs),
+        peft_config=get_peft_config(model_args),
+    )
+    # ScienceWorld's prompt style (its instruction, room for long room descriptions) instead of the generic one.
+    trainer.rollout_func.config = dataclasses.replace(RolloutConfig.from_args(training_args), prompt_style=style)
+    trainer.train()
+
+    history = [h for h in trainer.state.log_history if "rollout/success_rate" in h]
+    for h in history:
+        paper = h.get("rollout/success_rate_paper_rule")
+        print(f"step {h.get('step', '?'):>4}: success {h['rollout/success_rate']:.3f}"
+              + (f" (paper rule {paper:.3f})" if paper is not None else "")
+              + f", turns {h['rollout/mean_turns']:.1f}, invalid turns {h['rollout/invalid_turn_rate']:.2f}, "
+              f"entropy {h.get('epo/entropy', float('nan')):.3f}")
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(training_args.output_dir)
+
+    if script_args.num_eval_tasks > 0:
+        if script_args.eval_on_train_tasks:
+            eval_tasks = [train_tasks[i % len(train_tasks)] for i in range(script_args.num_eval_tasks)]
+            split = f"{script_args.train_split} (training tasks)"
+        else:
+            eval_tasks = make_tasks(script_args.eval_split, num_tasks=script_args.num_eval_tasks,
+                                    seed=script_args.dataset_seed, **task_kwargs)
+            split = script_args.eval_split
+        result = evaluate(trainer, eval_tasks, script_args.eval_temperature, split)
+        low, high = result["success_rate_ci95"]
+        print(f"Evaluation on {result['episodes']} {split} episodes (temperature {result['temperature']}): "
+              f"success {result['success_rate']:.3f} [95% CI {low:.3f}-{high:.3f}], "
+              f"paper rule (done and score > 0) {result['success_rate_paper_rule']:.3f}, "
+              f"mean score {result['mean_score']:.1f}")
+        if trainer.accelerator.is_main_process:
+            name = "eval_train_tasks.json" if script_args.eval_on_train_tasks else f"eval_{script_args.eval_split}.json"
+            with open(os.path.join(training_args.output_dir, name), "w") as f:
+                json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
