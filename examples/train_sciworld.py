@@ -24,6 +24,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from accelerate import PartialState
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from trl_epo import EPOConfig, EPOTrainer
@@ -114,7 +115,7 @@ def warm_start(model, tokenizer, expert, script_args: SciWorldTrainArguments, tr
 
         data = to_prompt_completion(expert).filter(fits).select_columns(["prompt", "completion"])
     unit = "whole gold episodes" if whole_episodes else "gold-path turns"
-    print(f"Warm start: {script_args.warm_start_steps} SFT steps on {len(data)} {unit}")
+    PartialState().print(f"Warm start: {script_args.warm_start_steps} SFT steps on {len(data)} {unit}")
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="sciworld-warm-start-"),
         max_steps=script_args.warm_start_steps,
@@ -136,7 +137,7 @@ def warm_start(model, tokenizer, expert, script_args: SciWorldTrainArguments, tr
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(f"Warm start done: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    PartialState().print(f"Warm start done: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return trainer.accelerator.unwrap_model(trainer.model)
 
 
@@ -188,6 +189,7 @@ def main():
     parser = TrlParser((SciWorldTrainArguments, EPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config()
     check_java()
+    log = PartialState().print  # main process only
 
     env_kwargs = env_kwargs_of(script_args, training_args)
     style = sciworld_prompt_style(
@@ -200,7 +202,7 @@ def main():
     dataset = make_dataset(script_args.train_split, num_tasks=script_args.num_train_tasks,
                            seed=script_args.dataset_seed, **task_kwargs)
     train_tasks = [TaskSpec.from_row(row) for row in dataset]
-    print(f"Training on {len(dataset)} ScienceWorld tasks ({script_args.train_split}), "
+    log(f"Training on {len(dataset)} ScienceWorld tasks ({script_args.train_split}), "
           f"{len({t.task for t in train_tasks})} task types")
 
     # Gold-path expert data: for the warm start, and as the tiny tokenizer's training text.
@@ -212,7 +214,7 @@ def main():
             expert_tasks = make_tasks(script_args.train_split, num_tasks=script_args.warm_start_tasks,
                                       seed=script_args.dataset_seed + 1, **task_kwargs)
         expert = expert_sft_dataset(tasks=expert_tasks, prompt_style=style, env_kwargs=env_kwargs, format="messages")
-        print(f"Expert data: {len(expert)} solved gold episodes of {len(expert_tasks)} drawn tasks")
+        log(f"Expert data: {len(expert)} solved gold episodes of {len(expert_tasks)} drawn tasks")
 
     if script_args.tiny_model:
         from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer
@@ -257,7 +259,7 @@ def main():
     history = [h for h in trainer.state.log_history if "rollout/success_rate" in h]
     for h in history:
         paper = h.get("rollout/success_rate_paper_rule")
-        print(f"step {h.get('step', '?'):>4}: success {h['rollout/success_rate']:.3f}"
+        log(f"step {h.get('step', '?'):>4}: success {h['rollout/success_rate']:.3f}"
               + (f" (paper rule {paper:.3f})" if paper is not None else "")
               + f", turns {h['rollout/mean_turns']:.1f}, invalid turns {h['rollout/invalid_turn_rate']:.2f}, "
               f"entropy {h.get('epo/entropy', float('nan')):.3f}")
@@ -275,7 +277,7 @@ def main():
             split = script_args.eval_split
         result = evaluate(trainer, eval_tasks, script_args.eval_temperature, split)
         low, high = result["success_rate_ci95"]
-        print(f"Evaluation on {result['episodes']} {split} episodes (temperature {result['temperature']}): "
+        log(f"Evaluation on {result['episodes']} {split} episodes (temperature {result['temperature']}): "
               f"success {result['success_rate']:.3f} [95% CI {low:.3f}-{high:.3f}], "
               f"paper rule (done and score > 0) {result['success_rate_paper_rule']:.3f}, "
               f"mean score {result['mean_score']:.1f}")
