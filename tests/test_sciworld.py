@@ -89,7 +89,9 @@ def test_make_dataset_rows_and_sampling():
     assert balanced[0].extra == {"simplification": "openDoors"}
     with pytest.raises(ValueError, match="Unknown ScienceWorld split"):
         make_tasks("validation")
-    assert len(make_tasks("heldout")) == 549  # the env registry's name for held_out_types
+    from trl_epo.envs.registry import get_env
+
+    assert len(get_env("sciworld").make_tasks("heldout")) == 549  # the env registry's name for held_out_types
 
 
 def test_grpo_groups_share_task_and_variation():
@@ -236,6 +238,9 @@ def test_admissible_actions_on_request():
 
 
 def test_jvm_is_reused_across_episodes_and_errors_are_clear(env):
+    from trl_epo.envs import ScienceWorldEnv as exported
+
+    assert exported is ScienceWorldEnv
     env.reset(task("find-animal", 0))
     pid = env.jvm_pid
     env.reset(task("freeze", 3))
@@ -334,7 +339,8 @@ def test_missing_java_gives_install_instructions(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
     env.update(PATH=str(tmp_path), JAVA_HOME=str(tmp_path / "no-jdk-here"))
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([repo_root, env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert "apt-get install -y openjdk-17-jre-headless" in proc.stdout
