@@ -293,8 +293,9 @@ class CompiledGameCache:
         self._items: OrderedDict[tuple, CompiledGame] = OrderedDict()
         self._pending: dict[tuple, threading.Event] = {}
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # resets served from the cache
+        self.misses = 0  # resets that had to translate their game
+        self.prefetched = 0  # games translated ahead of need
 
     @staticmethod
     def key(path: str) -> tuple:
@@ -325,6 +326,7 @@ class CompiledGameCache:
             if key in self._items or key in self._pending:
                 return False
             self._pending[key] = threading.Event()
+            self.prefetched += 1
         self._compile(key, path)
         return True
 

@@ -269,6 +269,7 @@ class _Draft:
 
 def _usable_scenes(task_type: str, split: str) -> list[Scene]:
     c = _constants()
+    task_type = canonical_task_type(task_type)
     rooms = c.GOALS_VALID[task_type]
     scenes = []
     for number in scene_numbers(split):
@@ -312,6 +313,7 @@ def _task_choices(scene: Scene, task_type: str) -> list[tuple[str, str]]:
 
 def _draft(scene: Scene, task_type: str, rng: random.Random) -> _Draft:
     c = _constants()
+    task_type = canonical_task_type(task_type)
     choices = _task_choices(scene, task_type)
     if not choices:
         raise GenerationError(f"FloorPlan{scene.number} offers no {task_type} task.")
