@@ -100,9 +100,110 @@ class EPOConfig(GRPOConfig):
         },
     )
 
+    # ---- multi-turn environment rollouts (used when EPOTrainer gets `env_factory=`)
+    env_max_turns: int = field(
+        default=30,
+        metadata={"help": "Maximum turns per episode (paper: 30 ScienceWorld, 50 ALFWorld)."},
+    )
+    env_max_turn_tokens: int = field(
+        default=512,
+        metadata={
+            "help": "Maximum new tokens the model generates in one turn (paper: 512). The whole episode (generated "
+            "and environment tokens) is bounded by `max_completion_length`."
+        },
+    )
+    env_history_turns: int | None = field(
+        default=None,
+        metadata={
+            "help": "None: the whole episode stays in context (one growing conversation; exact and cache-friendly). "
+            "k >= 0: the paper's windowed prompts (task + last k (observation, action) pairs + current observation, "
+            "paper: k = 2); per-turn blocks are packed into one training row with positions and attention restarted "
+            "per block. Set `max_completion_length` to the packed row budget."
+        },
+    )
+    env_reward: str = field(
+        default="success",
+        metadata={
+            "help": "Episode reward: 'success' (1 if won), 'score' (env score / 100) or 'won10' (10 * won, the "
+            "paper's code).",
+            "choices": ["success", "score", "won10"],
+        },
+    )
+    env_invalid_action_penalty: float = field(
+        default=0.0,
+        metadata={"help": "Subtracted from the episode reward per invalid (unparsable) turn (paper's code: 0.1)."},
+    )
+    env_error_reward: str = field(
+        default="zero",
+        metadata={
+            "help": "An episode whose env raised, hung or died: 'zero' (reward 0) or 'exclude' (no reward: advantage "
+            "0 and left out of its group's baseline).",
+            "choices": ["zero", "exclude"],
+        },
+    )
+    env_action_tag: str = field(
+        default="action",
+        metadata={"help": "The agent answers inside <tag>...</tag>; an answer without it is an invalid turn."},
+    )
+    env_instruction: str | None = field(
+        default=None,
+        metadata={"help": "System instruction for the agent ('{example}' is replaced with an example action)."},
+    )
+    env_show_admissible_actions: bool = field(
+        default=True,
+        metadata={"help": "List the env's admissible actions in each observation, when the env gives them."},
+    )
+    env_pool_backend: str = field(
+        default="process",
+        metadata={
+            "help": "How envs are stepped in parallel: 'process' (a worker process per env, with timeouts and crash "
+            "recovery), 'thread' (thread-safe pure-Python envs) or 'inline'.",
+            "choices": ["process", "thread", "inline"],
+        },
+    )
+    env_pool_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Envs (episodes) played at the same time per process; default: the whole generation batch. "
+            "Smaller values play the batch in waves."
+        },
+    )
+    env_step_timeout: float = field(
+        default=60.0,
+        metadata={"help": "Seconds one env step may take before its episode is failed and its worker restarted."},
+    )
+    env_log_episodes: bool = field(
+        default=True,
+        metadata={"help": "Write every episode's transcript to <output_dir>/rollouts/*.jsonl."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._validate_epo()
+        self._validate_env()
+
+    def _validate_env(self) -> None:
+        def need(condition: bool, name: str, allowed: str) -> None:
+            if not condition:
+                raise ValueError(f"`{name}` = {getattr(self, name)!r} is invalid: {allowed}.")
+
+        need(self.env_max_turns >= 1, "env_max_turns", "it must be >= 1")
+        need(self.env_max_turn_tokens >= 1, "env_max_turn_tokens", "it must be >= 1")
+        need(
+            self.env_history_turns is None or self.env_history_turns >= 0,
+            "env_history_turns",
+            "it must be None (full context) or an integer >= 0",
+        )
+        need(self.env_reward in ("success", "score", "won10"), "env_reward", "use 'success', 'score' or 'won10'")
+        need(self.env_invalid_action_penalty >= 0, "env_invalid_action_penalty", "it must be >= 0")
+        need(self.env_error_reward in ("zero", "exclude"), "env_error_reward", "use 'zero' or 'exclude'")
+        need(
+            self.env_pool_backend in ("process", "thread", "inline"),
+            "env_pool_backend",
+            "use 'process', 'thread' or 'inline'",
+        )
+        need(self.env_pool_size is None or self.env_pool_size >= 1, "env_pool_size", "it must be >= 1 or None")
+        need(self.env_step_timeout > 0, "env_step_timeout", "it must be > 0 seconds")
 
     def _validate_epo(self) -> None:
         def need(condition: bool, name: str, allowed: str) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from .objective import (
 
 
 EPO_STATE_NAME = "epo_state.json"
+EPO_RUN_NAME = "epo_run.json"
 TURN_IDS_KEY = "turn_ids"
 """Per-token turn index of each completion, as a list per rollout (returned by a `rollout_func` next to `env_mask`).
 
@@ -53,7 +55,14 @@ class EPOTrainer(GRPOTrainer):
     reduced over all processes and gradient-accumulation micro-batches, so it is identical on every rank. It is saved
     as `epo_state.json` in every checkpoint and restored by `resume_from_checkpoint`.
 
-    Args: those of [`~trl.GRPOTrainer`]; `args` must be an [`EPOConfig`].
+    Environments: pass `env_factory` (a zero-argument callable returning a `trl_epo.envs.TextEnv`, picklable for the
+    default process pool, e.g. `functools.partial(ScienceWorldEnv, simplification="easy")`) and a dataset of tasks
+    (rows with the `TaskSpec` columns, e.g. `trl_epo.envs.toy.make_dataset()`). The trainer then plays multi-turn
+    episodes with `MultiTurnRollout` (configured by EPOConfig's `env_*` fields) and, unless `reward_funcs` is given,
+    rewards each episode with the rollout's env reward. (TRL's own `environment_factory` is a different, tool-calling
+    API and is left untouched.)
+
+    Args: those of [`~trl.GRPOTrainer`] (`args` must be an [`EPOConfig`]) plus `env_factory`.
     """
 
     _tag_names = ["trl", "grpo", "epo", "reinforcement-learning"]
@@ -71,7 +80,15 @@ class EPOTrainer(GRPOTrainer):
         ),
     }
 
-    def __init__(self, model, reward_funcs=None, args: EPOConfig | None = None, *pos, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: EPOConfig | None = None, *pos, env_factory=None, **kwargs):
+        if env_factory is not None:
+            from .rollout import MultiTurnRollout, env_reward
+
+            if kwargs.get("rollout_func") is not None:
+                raise ValueError("Pass either `env_factory` (the built-in multi-turn rollout) or `rollout_func`, not both.")
+            kwargs["rollout_func"] = MultiTurnRollout(env_factory)
+            if reward_funcs is None:
+                reward_funcs = [env_reward]
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = EPOConfig(output_dir=f"{str(name).split('/')[-1]}-EPO")
@@ -80,20 +97,56 @@ class EPOTrainer(GRPOTrainer):
                 f"EPOTrainer needs an EPOConfig, got {type(args).__name__}. Build one with the same arguments: "
                 "`EPOConfig(**your_grpo_config.to_dict())` plus the `epo_*` settings."
             )
-        super().__init__(model, reward_funcs, args, *pos, **kwargs)
+        with warnings.catch_warnings():
+            if env_factory is not None:  # our own use of TRL's (experimental) rollout_func hook
+                warnings.filterwarnings("ignore", message=".*rollout_func.*experimental.*")
+            super().__init__(model, reward_funcs, args, *pos, **kwargs)
         self.epo_reference = EntropyReference(
             args.epo_reference, ema_decay=args.epo_reference_ema_decay, window=args.epo_reference_window
         )
         self._epo_capture = False
         self._epo_entropies: torch.Tensor | None = None
         self._epo_window: dict[str, torch.Tensor] | None = None  # local sums of the current accumulation window
+        self.rollout_rows: list[dict[str, Any]] | None = None  # the dataset rows a rollout_func is generating for
+        self.packed_block_marker: list[int] | None = None  # set by windowed rollouts (see _packed_logps_and_entropies)
+
+    def train(self, *args, **kwargs):
+        try:
+            output = super().train(*args, **kwargs)
+        finally:
+            self.close_envs()
+        if self.args.should_save:
+            self.save_state()  # trainer_state.json (log history) next to the final model, for plots
+            write_json_atomic(os.path.join(self.args.output_dir, EPO_RUN_NAME), self.epo_run_summary())
+        return output
+
+    def epo_run_summary(self) -> dict:
+        """The EPO settings of this run and its entropy reference (written as `epo_run.json` after training)."""
+        settings = {k: v for k, v in self.args.to_dict().items() if k.startswith(("epo_", "env_"))}
+        return {
+            "epo": settings,
+            "reference": self.epo_reference.state_dict(),
+            "final_reference": self.epo_reference.value(),
+            "global_step": self.state.global_step,
+            "max_steps": self.state.max_steps,
+        }
+
+    def close_envs(self) -> None:
+        """Stop the environment workers of the multi-turn rollout (they restart on the next rollout)."""
+        close = getattr(self.rollout_func, "close", None)
+        if callable(close):
+            close()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Data: carry the rollout's per-token turn ids into the loss inputs
     # ----------------------------------------------------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        output = super()._generate_and_score_completions(inputs)
+        self.rollout_rows = inputs  # a rollout_func receives only the prompts; it reads the task rows here
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.rollout_rows = None
         # TRL merges a rollout_func's extra fields into the input rows (for reward functions); pick up the turn ids.
         if inputs and TURN_IDS_KEY in inputs[0]:
             width = output["completion_ids"].size(1)
@@ -104,10 +157,53 @@ class EPOTrainer(GRPOTrainer):
             output[TURN_IDS_KEY] = pad(rows, padding_value=-1).to(output["completion_ids"].device)
         return output
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **multimodal,
+    ):
+        if self.packed_block_marker is not None and all(v is None for v in multimodal.values()):
+            result = self._packed_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss
+            )
+        else:
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal,
+            )
+        logps, entropies, aux_loss = result
         if self._epo_capture and entropies is not None:
             self._epo_entropies = entropies  # the loss forward's entropies, with their graph
+        return logps, entropies, aux_loss
+
+    def _packed_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss
+    ):
+        """TRL's chunked forward for rows that pack several windowed prompts (see `RolloutConfig.history_turns`):
+        positions restart at every block marker and, with no 2D attention mask, transformers keeps the packed
+        blocks apart (each block attends only to itself), so every answer is scored on exactly the context it was
+        generated from."""
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies, all_aux = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids = input_ids[start : start + batch_size]
+            mask = attention_mask[start : start + batch_size]
+            position_ids = block_position_ids(ids, mask, self.packed_block_marker)
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            extra = {"output_router_logits": True} if compute_aux_loss else {}
+            with self.accelerator.autocast():
+                outputs = model(
+                    input_ids=ids, position_ids=position_ids, labels=labels, fused_lm_head=True, use_cache=False,
+                    **extra,
+                )
+            all_logps.append(outputs.log_probs[:, -logits_to_keep:])
+            if compute_entropy:
+                all_entropies.append(outputs.entropy[:, -logits_to_keep:])
+            if compute_aux_loss:
+                all_aux.append(outputs.aux_loss)
+        logps = torch.cat(all_logps, dim=0)
+        entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+        aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
         return logps, entropies, aux_loss
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -245,6 +341,25 @@ class EPOTrainer(GRPOTrainer):
                 f"{path} is missing, so the EPO entropy reference cannot be restored. Resume from a checkpoint written "
                 "by EPOTrainer, or start a new run."
             )
+
+
+def block_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
+    """Position ids that restart at 0 at the first real token of each row and at every occurrence of `marker` (the
+    header every packed block starts with). Left padding forms its own block; positions after the last real token
+    simply continue (causal attention keeps them from affecting real tokens)."""
+    batch, length = input_ids.shape
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 0] = True
+    first_real = attention_mask.long().argmax(dim=1)
+    starts[torch.arange(batch, device=input_ids.device), first_real] = True
+    m = len(marker)
+    if 0 < m <= length:
+        pattern = torch.as_tensor(marker, device=input_ids.device, dtype=input_ids.dtype)
+        hits = (input_ids.unfold(1, m, 1) == pattern).all(-1) & attention_mask[:, : length - m + 1].bool()
+        starts[:, : length - m + 1] |= hits
+    index = torch.arange(length, device=input_ids.device).expand(batch, -1)
+    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - last_start
 
 
 def write_json_atomic(path: str, payload: dict) -> None:

@@ -193,12 +193,25 @@ class PromptStyle:
     max_observation_chars: int = 2000
 
     def first_user_message(self, task_description: str, result: StepResult, fmt: ActionFormat) -> str:
+        return self.window_user_message(task_description, [], self.observation_text(result), fmt)
+
+    def window_user_message(
+        self, task_description: str, history: Sequence[tuple[str, str]], current: str, fmt: ActionFormat
+    ) -> str:
+        """The user message of a windowed context: the task, the last (observation, action) pairs, and the current
+        observation text (already rendered by `observation_text`)."""
         parts = []
         if not self.use_system_message:
             parts.append(self.instruction.format(example=fmt.example()))
         if task_description:
             parts.append(f"Task: {task_description.strip()}")
-        parts.append(self.observation_text(result))
+        if history:
+            lines = [f"Your last {len(history)} step(s):"]
+            for observation, action in history:
+                lines.append(observation)
+                lines.append(f"Your action: {action}")
+            parts.append("\n".join(lines))
+        parts.append(current)
         return "\n\n".join(parts)
 
     def observation_text(self, result: StepResult) -> str:

@@ -18,10 +18,12 @@ Failures never raise out of the pool: they come back as `StepResult.failure(mess
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import pickle
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -30,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
 from typing import Any
 
@@ -54,14 +57,17 @@ def _watch_parent(parent_pid: int) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-def _worker_main(conn, factory_bytes: bytes, parent_pid: int) -> None:
-    try:
-        os.setpgrp()  # our own process group: the pool can kill the env's children with us
-    except OSError:  # pragma: no cover - not permitted on some platforms
-        pass
+def _worker_main(fd: int, parent_pid: int) -> None:
+    """Entry point of a worker process (``python -m trl_epo.envs._worker FD PARENT_PID``)."""
+    conn = Connection(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes the pool
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    factory = pickle.loads(factory_bytes)
+    try:
+        factory = pickle.loads(conn.recv_bytes())
+    except Exception as error:  # e.g. the factory's module cannot be imported here
+        conn.send(("error", f"could not load the env factory in the worker: {type(error).__name__}: {error}"))
+        conn.close()
+        return
     env = None
     while True:
         try:
@@ -95,31 +101,43 @@ def _worker_main(conn, factory_bytes: bytes, parent_pid: int) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, factory_bytes: bytes):
-        self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child_conn, factory_bytes, os.getpid()), daemon=True)
-        self.process.start()
-        child_conn.close()
+    """A worker process: a fresh interpreter (no re-import of the trainer's __main__, no fork of its threads) in its
+    own session/process group, talking over a socket pair."""
+
+    def __init__(self, factory_bytes: bytes):
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "trl_epo.envs._worker", str(child_sock.fileno()), str(os.getpid())],
+            pass_fds=(child_sock.fileno(),),
+            start_new_session=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        child_sock.close()
+        self.conn = Connection(parent_sock.detach())
+        self.conn.send_bytes(factory_bytes)  # the worker answers its first command once the factory is loaded
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
 
     def kill(self) -> None:
-        pid = self.process.pid
-        if pid is not None:
-            for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-                try:
-                    target()
-                except (ProcessLookupError, PermissionError, OSError):
-                    pass
-        self.process.join(timeout=5)
-        self.conn.close()
-
-    def close(self, timeout: float = 10.0) -> None:
+        for target in (lambda: os.killpg(self.process.pid, signal.SIGKILL), self.process.kill):
+            try:
+                target()
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
         try:
-            self.conn.send(("close", None))
-        except (OSError, EOFError, BrokenPipeError):
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover
             pass
-        self.process.join(timeout=timeout)
-        # Whatever the env left behind in our process group (a JVM that ignored its shutdown) goes too.
-        self.kill()
+        self.conn.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -137,8 +155,6 @@ class EnvPool:
         backend: ``"process"``, ``"thread"`` or ``"inline"``.
         step_timeout: seconds one `step` may take before the episode is failed (and its worker killed).
         reset_timeout: seconds one `reset` may take (env start-up included); defaults to ``max(120, 4*step_timeout)``.
-        start_method: multiprocessing start method for the process backend (``"spawn"`` is safe with threads, CUDA
-            and JVMs; ``"fork"`` starts faster).
     """
 
     def __init__(
@@ -148,7 +164,6 @@ class EnvPool:
         backend: str = "process",
         step_timeout: float = 60.0,
         reset_timeout: float | None = None,
-        start_method: str = "spawn",
     ):
         if size < 1:
             raise ValueError(f"EnvPool size must be >= 1, got {size}.")
@@ -171,7 +186,6 @@ class EnvPool:
                     "The process backend needs a picklable env factory (a class, a module-level function or a "
                     f"functools.partial of one), not {env_factory!r}: {error}. Or use backend='thread'."
                 ) from error
-            self._ctx = mp.get_context(start_method)
             self._workers: list[_Worker | None] = [None] * size
         else:
             self._envs: list[TextEnv | None] = [None] * size
@@ -203,7 +217,7 @@ class EnvPool:
         """PIDs of the live worker processes, by slot (process backend; None where no worker runs)."""
         if self.backend != "process":
             return [None] * self.size
-        return [w.process.pid if w is not None and w.process.is_alive() else None for w in self._workers]
+        return [w.pid if w is not None and w.is_alive() else None for w in self._workers]
 
     # ---- dispatch
     def _run(self, command: str, calls: Sequence[tuple[int, Any]], timeout: float) -> list[StepResult]:
@@ -228,13 +242,13 @@ class EnvPool:
         pending = {}
         for index, (slot, payload) in enumerate(calls):
             worker = self._workers[slot]
-            if worker is None or not worker.process.is_alive():
+            if worker is None or not worker.is_alive():
                 if command == "step":  # the env's state died with its worker: the episode cannot go on
                     self._discard_worker(slot)
                     results[index] = self._fail("worker_died", "env worker is not running (it died or was killed)")
                     continue
                 self._discard_worker(slot)
-                worker = self._workers[slot] = _Worker(self._ctx, self._factory_bytes)
+                worker = self._workers[slot] = _Worker(self._factory_bytes)
                 self.stats["worker_starts"] += 1
             try:
                 worker.conn.send((command, payload))
@@ -327,8 +341,11 @@ class EnvPool:
                     pass
             deadline = time.monotonic() + 10.0
             for worker in workers:
-                worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-                worker.kill()
+                try:
+                    worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+                worker.kill()  # whatever the env left in its process group (a JVM) goes too
             state["_workers"][:] = [None] * len(state["_workers"])
         else:
             for slot, env in enumerate(state["_envs"]):

@@ -208,17 +208,27 @@ def make_dataset(split: str = "train", num_tasks: int = 16, seed: int = 0):
 
 
 class FaultyToyEnv(ToyEnv):
-    """A toy env that misbehaves on purpose, to test robustness: at step `at_step` it raises (``"raise"``), sleeps
-    for `hang_seconds` (``"hang"``) or kills its own process (``"exit"``, process backend only)."""
+    """A toy env that misbehaves on purpose, to test robustness.
 
-    def __init__(self, fault: str = "raise", at_step: int = 1, hang_seconds: float = 3600.0, **kwargs):
+    A task whose `extra["fault"]` is ``"raise"``, ``"hang"`` or ``"exit"`` fails at step `extra.get("fault_step", 1)`:
+    it raises, sleeps for `hang_seconds`, or kills its own process (process backend only). Other tasks play normally,
+    so a batch can mix healthy and failing episodes.
+    """
+
+    def __init__(self, hang_seconds: float = 3600.0, **kwargs):
         super().__init__(**kwargs)
-        if fault not in ("raise", "hang", "exit"):
-            raise ValueError(f"fault must be 'raise', 'hang' or 'exit', got {fault!r}.")
-        self.fault, self.at_step, self.hang_seconds = fault, at_step, hang_seconds
+        self.hang_seconds = hang_seconds
+
+    def reset(self, task):
+        spec = TaskSpec.from_row(task)
+        self.fault = spec.extra.get("fault")
+        self.fault_step = int(spec.extra.get("fault_step", 1))
+        if self.fault not in (None, "raise", "hang", "exit"):
+            raise ValueError(f"fault must be 'raise', 'hang' or 'exit', got {self.fault!r}.")
+        return super().reset(spec)
 
     def step(self, action: str) -> StepResult:
-        if self.steps + 1 == self.at_step:
+        if self.fault is not None and self.steps + 1 == self.fault_step:
             if self.fault == "raise":
                 raise RuntimeError("injected env failure")
             if self.fault == "hang":
