@@ -45,7 +45,9 @@ class ScriptArguments:
     task_types: list[str] | None = field(default=None, metadata={"help": "Only these task types (default: all six)."})
     num_games: int | None = field(default=None, metadata={"help": "Use a random subset of this many games."})
     history: int | None = field(
-        default=None, metadata={"help": "Keep only the last k exchanges in each prompt (default: the whole episode)."}
+        default=None,
+        metadata={"help": "Windowed prompts with the last k (observation, action) pairs, as the rollout's "
+                          "env_history_turns=k (default: the whole episode, as env_history_turns=None)."},
     )
     generate_per_type: int = field(
         default=0,

@@ -285,5 +285,9 @@ def test_expert_sft_dataset_is_chat_formatted(generated_root):
         action = fmt.parse(answer["content"])
         assert action and answer["content"] == f"<action>{action}</action>"
         assert action in prompt[-1]["content"].split("Available actions: ", 1)[1]
-    short = expert_sft_dataset(tasks[:1], data_root=generated_root, history=1)
-    assert max(len(r["prompt"]) for r in short) <= 4  # system, first user message, one exchange
+    windowed = expert_sft_dataset(tasks[:1], data_root=generated_root, history=1)
+    assert len(windowed) == lengths[0]
+    for row in windowed:  # the rollout's windowed prompt: system + one user message with the last pair
+        assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+        content = row["prompt"][1]["content"]
+        assert content.startswith("Task: ") and ("Your last 1 step(s):" in content) == (row["turn"] > 0)

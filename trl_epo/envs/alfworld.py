@@ -14,7 +14,8 @@ Dataset rows store the game path *relative to the data root*, so a dataset works
 Episodes. The first observation is the room description; the task sentence ("put some pencil on dresser.") goes to
 ``info["task_description"]``. Admissible commands come from the engine (``help`` is left out). A command the engine
 does not accept gets its reply ("Nothing happens.") and ``info["invalid_action"] = True``. The episode is won when the
-engine's goal check holds (reward 1.0 on that turn) and ends after `max_turns` turns (50, as in the paper).
+engine's goal check holds (reward 1.0 on that turn; ``info["score"]`` is 100 when won, 0 otherwise, on the 0-100
+scale of the other envs) and ends after `max_turns` turns (50, as in the paper).
 
 Resets. A reset costs a PDDL -> SAS translation (0.2-0.5 s) the first time a game is played in a process, ~0.1 s after
 (`CompiledGameCache`). `EnvPool` resets its slots in parallel worker processes; `AlfWorldEnv.prefetch(tasks)`
@@ -376,7 +377,7 @@ class AlfWorldEnv:
             done=self.done,
             won=self.won,
             admissible_actions=self.admissible_actions() if self.list_actions else None,
-            info={"score": 1.0 if self.won else 0.0, "turn": self.turns},
+            info={"score": 100.0 if self.won else 0.0, "turn": self.turns},
         )
 
 
@@ -435,14 +436,19 @@ def expert_sft_dataset(
     skip_failures: bool = False,
 ):
     """A chat-format SFT dataset of expert demonstrations, one row per expert turn, in TRL's conversational
-    prompt-completion format::
+    prompt-completion format (only the completion is trained on)::
 
-        {"prompt": [system, user (task + first observation + actions), assistant, user, ...],
+        {"prompt": [system, user, assistant, user, ...],
          "completion": [{"role": "assistant", "content": "<action>go to drawer 1</action>"}], ...}
 
-    The prompt is laid out as the multi-turn rollout lays it out (`PromptStyle`: system instruction, first user
-    message with the task, then one user message per observation with the admissible actions). With ``history=k`` only
-    the last k (action, observation) exchanges are kept after the first user message.
+    Prompts are laid out exactly as `MultiTurnRollout` lays them out (`PromptStyle`), so that a model fine-tuned on
+    them starts RL from familiar contexts:
+
+    * ``history=None`` (the rollout's default, full context): the whole conversation so far: the system instruction,
+      the first user message (task, observation, admissible actions), then every expert answer and the observation
+      that followed it;
+    * ``history=k`` (the rollout's ``history_turns=k``, the paper's windowed prompts): the system instruction and one
+      user message with the task, the last k (observation, action) pairs and the current observation.
 
     Args:
         tasks: task specs / rows, or a `datasets.Dataset` from `make_dataset`.
@@ -465,21 +471,28 @@ def expert_sft_dataset(
                     continue
                 raise
             first, _ = steps[0]
-            head = [m for m in [style.system_message(fmt)] if m]
-            head.append({"role": "user",
-                         "content": style.first_user_message(first.info.get("task_description", ""), first, fmt)})
-            exchanges: list[dict[str, str]] = []
+            description = first.info.get("task_description", "")
+            system = [m for m in [style.system_message(fmt)] if m]
+            conversation = system + [{"role": "user", "content": style.first_user_message(description, first, fmt)}]
+            shown: list[tuple[str, str]] = []  # (observation text, action) per turn, as the windowed rollout keeps
             for turn, (result, action) in enumerate(steps[:-1]):
+                text = style.observation_text(result)
                 if turn > 0:
-                    exchanges.append({"role": "user", "content": style.observation_text(result)})
-                kept = exchanges if history is None else exchanges[max(0, len(exchanges) - 2 * history):]
-                columns["prompt"].append(head + kept)
+                    conversation.append({"role": "user", "content": text})
+                if history is None:
+                    prompt = list(conversation)
+                else:
+                    recent = shown[-history:] if history else []
+                    prompt = system + [{"role": "user", "content": style.window_user_message(
+                        description, recent, text, fmt)}]
                 answer = {"role": "assistant", "content": fmt.example(action)}
+                columns["prompt"].append(prompt)
                 columns["completion"].append([answer])
                 columns["task"].append(spec.task)
                 columns["task_type"].append(first.info.get("task_type") or "")
                 columns["turn"].append(turn)
-                exchanges.append(answer)
+                conversation.append(answer)
+                shown.append((text, action))
     finally:
         env.close()
     return Dataset.from_dict(columns)
