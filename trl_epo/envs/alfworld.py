@@ -17,6 +17,10 @@ does not accept gets its reply ("Nothing happens.") and ``info["invalid_action"]
 engine's goal check holds (reward 1.0 on that turn; ``info["score"]`` is 100 when won, 0 otherwise, on the 0-100
 scale of the other envs) and ends after `max_turns` turns (50, as in the paper).
 
+Parallelism. Use `EnvPool`'s process backend (the default): one env per worker process, stepping and resetting in
+parallel. The thread backend works too (engine calls are serialised by process-wide locks, since TextWorld's grammar
+parsers are module-level), but gives no parallelism.
+
 Resets. A reset costs a PDDL -> SAS translation (0.2-0.5 s) the first time a game is played in a process, ~0.1 s after
 (`CompiledGameCache`). `EnvPool` resets its slots in parallel worker processes; `AlfWorldEnv.prefetch(tasks)`
 translates the games an env will play next in a background thread, ahead of need, so that their resets are fast.

@@ -162,14 +162,19 @@ def task_sentence_from_grammar(grammar: str) -> str | None:
 # Grammar (parsed once per process) and translation (once per game)
 # --------------------------------------------------------------------------------------------------------------------
 
-_LOCK = threading.RLock()  # guards the process-wide caches and fast-downward's translator (not thread-safe)
+# Two process-wide locks make envs in threads of one process safe (the `EnvPool` thread backend):
+# fast-downward's translator keeps global state (and rebinds sys.argv / sys.stdout), and TextWorld's text grammar
+# runs on module-level TatSu parsers that are not thread-safe. Translation (the slow part of a reset, and what a
+# background prefetch does) and text derivation (every step) take different locks, so a prefetch never blocks a step.
+_LOCK = threading.RLock()  # fast-downward's translator and the process-wide caches
+TEXT_LOCK = threading.RLock()  # TextWorld's grammar parsing / derivation and the shared type hierarchy
 _BASE_LOGIC = None
 
 
 def _base_logic():
     """The installed domain + grammar as a TextWorld PDDL `GameLogic`, parsed once per process."""
     global _BASE_LOGIC
-    with _LOCK:
+    with TEXT_LOCK:
         if _BASE_LOGIC is None:
             from textworld.envs.pddl.logic import GameLogic
 
@@ -374,11 +379,12 @@ def _make_state_class():
             self.downward_lib = downward_lib
             self.pddl_problem = compiled.game.problem
             self._actions = compiled.schemas
-            for name, parents in compiled.types:
-                try:
-                    self._logic.types.add(Type(name, parents))
-                except ValueError:
-                    pass
+            with TEXT_LOCK:  # the type hierarchy is shared by every game of the process (and by threads)
+                for name, parents in compiled.types:
+                    try:
+                        self._logic.types.add(Type(name, parents))
+                    except ValueError:
+                        pass
             self.downward_lib.load_sas(compiled.sas)
             self.name2type = compiled.name2type
             self.add_facts(compiled.init_facts)
@@ -418,6 +424,14 @@ def _make_engine_class():
             self._memo = compiled.command_memo
 
         def reset(self):
+            with TEXT_LOCK:
+                return self._reset()
+
+        def step(self, command: str):
+            with TEXT_LOCK:
+                return super().step(command)
+
+        def _reset(self):
             compiled = self._compiled
             if compiled is None:
                 raise RuntimeError("Load a game before resetting the engine.")
@@ -520,12 +534,13 @@ def stock_engine_play(path: str, commands: Iterable[str]) -> list[tuple[str, lis
     env = AlfredDemangler(PddlEnv(textworld.EnvInfos(admissible_commands=True, won=True)))
     argv = sys.argv
     try:
-        with _LOCK:
+        with _LOCK, TEXT_LOCK:
             env.load(data)
             state = env.reset()
         out = [(state.feedback, list(state.admissible_commands), bool(state["won"]))]
         for command in commands:
-            state, _, _ = env.step(command)
+            with TEXT_LOCK:
+                state, _, _ = env.step(command)
             out.append((state.feedback, list(state.admissible_commands), bool(state["won"])))
     finally:
         sys.argv = argv
