@@ -28,9 +28,11 @@ translates the games an env will play next in a background thread, ahead of need
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import random
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -107,8 +109,6 @@ def find_games(split: str = "train", data_root=None, task_types: Iterable[str] |
     Like alfworld's own loader: games with a movable receptacle or a sliced object are left out (their task types are
     not among the six), as are games without a ``game.tw-pddl`` or marked unsolvable.
     """
-    import json
-
     root = resolve_data_root(data_root)
     directory = split_dir(split)
     base = os.path.join(root, directory)
@@ -130,11 +130,26 @@ def find_games(split: str = "train", data_root=None, task_types: Iterable[str] |
             game = os.path.join(task_path, trial, GAME_FILE)
             if not os.path.isfile(game) or not os.path.isfile(os.path.join(task_path, trial, TRAJ_FILE)):
                 continue
-            with open(game) as f:
-                if not json.load(f).get("solvable", False):
-                    continue
+            if not _is_solvable(game):
+                continue
             games.append((os.path.relpath(game, root), task_type))
     return games
+
+
+_SOLVABLE = re.compile(r'"solvable"\s*:\s*(true|false)')
+
+
+def _is_solvable(game: str) -> bool:
+    """The game file's ``solvable`` flag (read from the file's tail, where alfworld writes it; else parsed)."""
+    with open(game, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 4096))
+        tail = f.read().decode("utf-8", errors="ignore")
+    match = _SOLVABLE.findall(tail)
+    if match:
+        return match[-1] == "true"
+    with open(game) as f:
+        return bool(json.load(f).get("solvable", False))
 
 
 def make_tasks(
@@ -308,8 +323,9 @@ class AlfWorldEnv:
 
     # ---- ahead of need
     def prefetch(self, tasks: Iterable[TaskSpec | Mapping[str, Any]]) -> None:
-        """Translate these games in a background thread, so that resetting into them later is fast. Returns at once;
-        games already cached are skipped; a game that fails to load is left for `reset` to report."""
+        """Translate these games in a background thread, so that resetting into them later is fast. Returns at once.
+        Games already cached are skipped; a game file that does not exist raises here, one that fails to translate is
+        left for `reset` to report."""
         paths = [self.game_path(TaskSpec.from_row(t)) for t in tasks]
         if self._prefetch_queue is None:
             self._prefetch_queue = queue.Queue()

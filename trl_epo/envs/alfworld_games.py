@@ -529,20 +529,22 @@ def generate_games(
     jobs = [(t, split, seed, i) for t in types for i in range(per_type)]
     games: list[GeneratedGame] = []
     start = time.perf_counter()
+
+    def keep(game: GeneratedGame) -> None:  # written as soon as made: a long run interrupted keeps its games
+        games.append(game)
+        if out_dir is not None:
+            write_game(game, out_dir)
+        _report(progress, game, len(games), len(jobs), start)
+
     if workers > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers) as pool:
             for game in pool.imap(_generate_one, jobs):
-                games.append(game)
-                _report(progress, game, len(games), len(jobs), start)
+                keep(game)
     else:
         for job in jobs:
-            games.append(_generate_one(job))
-            _report(progress, games[-1], len(games), len(jobs), start)
-    if out_dir is not None:
-        for game in games:
-            write_game(game, out_dir)
+            keep(_generate_one(job))
     return games
 
 
