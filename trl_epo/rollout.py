@@ -342,13 +342,14 @@ class MultiTurnRollout:
         with generator:  # e.g. ZeRO-3 weights gathered once for the whole rollout, not once per turn
             for wave_start in range(0, len(tasks), pool.size):
                 wave = tasks[wave_start : wave_start + pool.size]
-                episodes += self._play_wave(wave, pool, generator, tokenizer, fmt, segments, timer, counters)
+                upcoming = tasks[wave_start + pool.size : wave_start + 2 * pool.size]
+                episodes += self._play_wave(wave, upcoming, pool, generator, tokenizer, fmt, segments, timer, counters)
         timer["total"] = time.perf_counter() - start
         stats = self._stats(episodes, timer, counters)
         self.last_episodes, self.last_stats = episodes, stats
         return episodes, stats
 
-    def _play_wave(self, tasks, pool, generator, tokenizer, fmt, segments, timer, counters) -> list[Episode]:
+    def _play_wave(self, tasks, upcoming, pool, generator, tokenizer, fmt, segments, timer, counters) -> list[Episode]:
         config, style = self.config, self.config.prompt_style
         budget = config.max_episode_tokens or generator.default_budget
         eos_text = tokenizer.decode([generator.eos_token_ids[0]])
@@ -357,6 +358,8 @@ class MultiTurnRollout:
 
         t0 = time.perf_counter()
         first = pool.reset(list(enumerate(tasks)))
+        if upcoming:  # slow resets (ALFWorld) of the next wave get prepared while this one plays
+            pool.prefetch([(slot, [task]) for slot, task in enumerate(upcoming)])
         timer["env"] += time.perf_counter() - t0
         episodes = []
         for slot, (task, result) in enumerate(zip(tasks, first)):

@@ -30,7 +30,7 @@ class StepResult:
         done: the episode is over (won, lost or the env's own move limit).
         won: the task is solved (the env's own goal check).
         admissible_actions: the actions the env accepts now, when it can list them (None otherwise).
-        info: anything else. Conventions: `task_description` (str, set by `reset`), `score` (float, env score),
+        info: anything else. Conventions: `task_description` (str, set by `reset`), `score` (float, env score on a 0-100 scale),
             `invalid_action` (bool, the env did not understand the action), `env_error` (str, set by the pool when
             the env raised, hung or its worker died: the episode counts as failed).
     """
