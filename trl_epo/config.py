@@ -112,6 +112,15 @@ class EPOConfig(GRPOConfig):
             "and environment tokens) is bounded by `max_completion_length`."
         },
     )
+    env_history_turns: int | None = field(
+        default=None,
+        metadata={
+            "help": "None: the whole episode stays in context (one growing conversation; exact and cache-friendly). "
+            "k >= 0: the paper's windowed prompts (task + last k (observation, action) pairs + current observation, "
+            "paper: k = 2); per-turn blocks are packed into one training row with positions and attention restarted "
+            "per block. Set `max_completion_length` to the packed row budget."
+        },
+    )
     env_reward: str = field(
         default="success",
         metadata={
@@ -180,6 +189,11 @@ class EPOConfig(GRPOConfig):
 
         need(self.env_max_turns >= 1, "env_max_turns", "it must be >= 1")
         need(self.env_max_turn_tokens >= 1, "env_max_turn_tokens", "it must be >= 1")
+        need(
+            self.env_history_turns is None or self.env_history_turns >= 0,
+            "env_history_turns",
+            "it must be None (full context) or an integer >= 0",
+        )
         need(self.env_reward in ("success", "score", "won10"), "env_reward", "use 'success', 'score' or 'won10'")
         need(self.env_invalid_action_penalty >= 0, "env_invalid_action_penalty", "it must be >= 0")
         need(self.env_error_reward in ("zero", "exclude"), "env_error_reward", "use 'zero' or 'exclude'")

@@ -46,6 +46,12 @@ class RolloutConfig:
         max_turn_tokens: new tokens the model may generate in one turn (paper: 512).
         max_episode_tokens: completion-token budget of an episode (generated + environment tokens); defaults to the
             trainer's `max_completion_length`.
+        history_turns: None (default) keeps the whole episode in context: one growing conversation, and the training
+            sequence is exactly that conversation. An integer k gives the paper's windowed prompts: every turn the
+            model sees a fresh prompt with the task, its last k (observation, action) pairs and the current
+            observation. The training sequence then packs these per-turn blocks ([prompt_t, answer_t] for every t)
+            into one row, and EPOTrainer's forward restarts positions and attention at every block, so each answer is
+            scored on exactly the context it was generated from.
         reward: "success" (1 if won else 0), "score" (env score / 100) or "won10" (10 * won, as the paper's code).
         invalid_action_penalty: subtracted from the reward for every invalid turn (the paper's code: 0.1).
         env_error_reward: "zero" (an episode whose env failed gets reward 0) or "exclude" (reward None: TRL gives it
@@ -61,6 +67,7 @@ class RolloutConfig:
     max_turns: int = 30
     max_turn_tokens: int = 512
     max_episode_tokens: int | None = None
+    history_turns: int | None = None
     reward: str = "success"
     invalid_action_penalty: float = 0.0
     env_error_reward: str = "zero"
@@ -81,6 +88,8 @@ class RolloutConfig:
             raise ValueError(f"reward must be one of {REWARD_MODES}, got {self.reward!r}.")
         if self.env_error_reward not in ENV_ERROR_MODES:
             raise ValueError(f"env_error_reward must be one of {ENV_ERROR_MODES}, got {self.env_error_reward!r}.")
+        if self.history_turns is not None and self.history_turns < 0:
+            raise ValueError(f"history_turns must be None (full context) or >= 0, got {self.history_turns}.")
         if self.invalid_action_penalty < 0:
             raise ValueError("invalid_action_penalty is subtracted per invalid turn: give a value >= 0.")
         ActionFormat(self.action_tag)  # validates the tag
@@ -96,6 +105,7 @@ class RolloutConfig:
             max_turns=args.env_max_turns,
             max_turn_tokens=args.env_max_turn_tokens,
             max_episode_tokens=args.max_completion_length,
+            history_turns=args.env_history_turns,
             reward=args.env_reward,
             invalid_action_penalty=args.env_invalid_action_penalty,
             env_error_reward=args.env_error_reward,
@@ -129,12 +139,22 @@ class Episode:
     truncated: str | None = None  # "max_turns", "token_budget" or "env_limit"
     env_error: str | None = None
     answer_closed: bool = True  # the last answer ended with the model's own end-of-turn token
+    description: str = ""
+    observation_text: str = ""  # the observation the next answer responds to, as shown
+    history: list[tuple[str, str]] = field(default_factory=list)  # (observation shown, action taken) per turn
+    block_start: int = -1  # windowed contexts: where the current block starts in completion_ids (-1: the prompt)
     actions: list[str | None] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
         return not self.done
+
+    def context(self, windowed: bool) -> list[int]:
+        """The ids the next answer is generated from: the whole conversation, or the current windowed block."""
+        if not windowed:
+            return self.prompt_ids + self.completion_ids
+        return self.prompt_ids if self.block_start < 0 else self.completion_ids[self.block_start :]
 
     def add(self, ids: Sequence[int], model: bool, turn: int, logprobs: Sequence[float] | None = None) -> None:
         self.completion_ids.extend(ids)
@@ -202,6 +222,23 @@ class ChatSegments:
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode(self._render(messages, generation_prompt=True))
 
+    def block_marker(self, system_message: dict[str, str] | None) -> list[int]:
+        """The ids every windowed prompt starts with (the rendered system message and the user header): the marker
+        EPOTrainer uses to find where each packed block begins."""
+        base = [system_message] if system_message else []
+        a = self.prompt(base + [{"role": "user", "content": "alpha"}])
+        b = self.prompt(base + [{"role": "user", "content": "omega"}])
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        if n < 4:
+            raise ValueError(
+                "Windowed contexts (history_turns) need prompts that start with a recognisable header of >= 4 tokens "
+                "(e.g. a system message); this chat template renders too little before the user's text. Use a "
+                "system message (PromptStyle(use_system_message=True)) or full-context rollouts (history_turns=None)."
+            )
+        return a[:n]
+
     def observation(self, text: str, closed: bool, end_of_turn_text: str) -> list[int]:
         rendered = self._render(self._base + [{"role": "user", "content": text}], generation_prompt=True)
         if not rendered.startswith(self._render(self._base, generation_prompt=False)):
@@ -215,6 +252,18 @@ class ChatSegments:
         if closed and tail.startswith(end_of_turn_text):
             tail = tail[len(end_of_turn_text) :]
         return self.encode(tail + between)
+
+
+def find_sublist(ids: Sequence[int], pattern: Sequence[int]) -> int:
+    """Index of the first occurrence of `pattern` in `ids`, or -1."""
+    n = len(pattern)
+    if n == 0:
+        return -1
+    first = pattern[0]
+    for i in range(len(ids) - n + 1):
+        if ids[i] == first and list(ids[i : i + n]) == list(pattern):
+            return i
+    return -1
 
 
 def env_reward(completions, env_reward=None, **kwargs):
@@ -245,6 +294,7 @@ class MultiTurnRollout:
         self.pool: EnvPool | None = None
         self.last_episodes: list[Episode] = []
         self.last_stats: dict[str, float] = {}
+        self.block_marker: list[int] | None = None
         self._batches = 0
 
     # ---- TRL entry point
@@ -260,6 +310,8 @@ class MultiTurnRollout:
         tasks = [TaskSpec.from_row(row) for row in rows]
         generator = TrainerGenerator(trainer, self.config)
         episodes, stats = self.play(tasks, generator, tokenizer=trainer.processing_class)
+        # Windowed contexts: the trainer's forward restarts positions/attention at each block marker.
+        trainer.packed_block_marker = self.block_marker
         self._log(trainer, episodes, stats)
         return self.to_rollout_output(episodes)
 
@@ -280,6 +332,9 @@ class MultiTurnRollout:
         pool = self._ensure_pool(len(tasks))
         fmt = ActionFormat(config.action_tag)
         segments = ChatSegments(tokenizer, config.prompt_style.system_message(fmt))
+        self.block_marker = (
+            segments.block_marker(config.prompt_style.system_message(fmt)) if config.history_turns is not None else None
+        )
         timer = {"generate": 0.0, "env": 0.0, "total": 0.0}
         counters = {"generate_calls": 0, "tokens_fed": 0, "generated_tokens": 0}
         start = time.perf_counter()
@@ -287,19 +342,24 @@ class MultiTurnRollout:
         with generator:  # e.g. ZeRO-3 weights gathered once for the whole rollout, not once per turn
             for wave_start in range(0, len(tasks), pool.size):
                 wave = tasks[wave_start : wave_start + pool.size]
-                episodes += self._play_wave(wave, pool, generator, tokenizer, fmt, segments, timer, counters)
+                upcoming = tasks[wave_start + pool.size : wave_start + 2 * pool.size]
+                episodes += self._play_wave(wave, upcoming, pool, generator, tokenizer, fmt, segments, timer, counters)
         timer["total"] = time.perf_counter() - start
         stats = self._stats(episodes, timer, counters)
         self.last_episodes, self.last_stats = episodes, stats
         return episodes, stats
 
-    def _play_wave(self, tasks, pool, generator, tokenizer, fmt, segments, timer, counters) -> list[Episode]:
+    def _play_wave(self, tasks, upcoming, pool, generator, tokenizer, fmt, segments, timer, counters) -> list[Episode]:
         config, style = self.config, self.config.prompt_style
         budget = config.max_episode_tokens or generator.default_budget
         eos_text = tokenizer.decode([generator.eos_token_ids[0]])
+        windowed = config.history_turns is not None
+        system = [m for m in [style.system_message(fmt)] if m]
 
         t0 = time.perf_counter()
         first = pool.reset(list(enumerate(tasks)))
+        if upcoming:  # slow resets (ALFWorld) of the next wave get prepared while this one plays
+            pool.prefetch([(slot, [task]) for slot, task in enumerate(upcoming)])
         timer["env"] += time.perf_counter() - t0
         episodes = []
         for slot, (task, result) in enumerate(zip(tasks, first)):
@@ -307,6 +367,8 @@ class MultiTurnRollout:
             description = result.info.get("task_description", "")
             messages.append({"role": "user", "content": style.first_user_message(description, result, fmt)})
             episode = Episode(task=task, slot=slot, prompt_ids=segments.prompt(messages), messages=messages)
+            episode.description = description
+            episode.observation_text = style.observation_text(result)
             episode.logprobs = [] if generator.returns_logprobs else None
             if result.env_error is not None:
                 episode.done, episode.env_error = True, result.env_error
@@ -325,7 +387,7 @@ class MultiTurnRollout:
                 if len(e.completion_ids) >= budget:
                     e.done, e.truncated = True, "token_budget"
             live = [e for e in live if e.live]
-            contexts = [e.prompt_ids + e.completion_ids for e in live]
+            contexts = [e.context(windowed) for e in live]
             limits = [min(config.max_turn_tokens, budget - len(e.completion_ids)) for e in live]
             t0 = time.perf_counter()
             outputs = generator.generate(contexts, limits)
@@ -335,6 +397,10 @@ class MultiTurnRollout:
 
             to_step = []
             for e, (ids, logprobs) in zip(live, outputs):
+                if windowed:  # an answer never contains a block header (it would be mistaken for a new block)
+                    cut = find_sublist(ids, self.block_marker)
+                    if cut >= 0:
+                        ids, logprobs = ids[:cut], (logprobs[:cut] if logprobs is not None else None)
                 counters["generated_tokens"] += len(ids)
                 e.add(ids, model=True, turn=turn, logprobs=logprobs)
                 e.turns += 1
@@ -342,6 +408,7 @@ class MultiTurnRollout:
                 e.messages.append({"role": "assistant", "content": text})
                 action = fmt.parse(text)
                 e.actions.append(action)
+                e.history.append((e.observation_text, action if action is not None else "(invalid answer)"))
                 e.answer_closed = bool(ids) and ids[-1] in generator.eos_token_ids
                 if action is None:
                     e.invalid_turns += 1
@@ -374,11 +441,18 @@ class MultiTurnRollout:
                     e.done, e.truncated = True, "max_turns"
                     continue
                 text = style.observation_text(observation)
-                ids = segments.observation(text, closed=e.answer_closed, end_of_turn_text=eos_text)
+                if windowed:  # a fresh prompt: task, the last k (observation, action) pairs, the observation
+                    recent = e.history[-config.history_turns :] if config.history_turns else []
+                    content = style.window_user_message(e.description, recent, text, fmt)
+                    ids = segments.prompt(system + [{"role": "user", "content": content}])
+                else:  # the conversation goes on: end of the answer, the observation, the next generation prompt
+                    ids = segments.observation(text, closed=e.answer_closed, end_of_turn_text=eos_text)
                 if len(e.completion_ids) + len(ids) >= budget:
                     e.done, e.truncated = True, "token_budget"
                     continue
+                e.block_start = len(e.completion_ids)
                 e.add(ids, model=False, turn=turn + 1)
+                e.observation_text = text
                 e.messages.append({"role": "user", "content": text})
             progress.update(1)
         progress.close()

@@ -108,6 +108,7 @@ class EPOTrainer(GRPOTrainer):
         self._epo_entropies: torch.Tensor | None = None
         self._epo_window: dict[str, torch.Tensor] | None = None  # local sums of the current accumulation window
         self.rollout_rows: list[dict[str, Any]] | None = None  # the dataset rows a rollout_func is generating for
+        self.packed_block_marker: list[int] | None = None  # set by windowed rollouts (see _packed_logps_and_entropies)
 
     def train(self, *args, **kwargs):
         try:
@@ -156,10 +157,53 @@ class EPOTrainer(GRPOTrainer):
             output[TURN_IDS_KEY] = pad(rows, padding_value=-1).to(output["completion_ids"].device)
         return output
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **multimodal,
+    ):
+        if self.packed_block_marker is not None and all(v is None for v in multimodal.values()):
+            result = self._packed_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss
+            )
+        else:
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal,
+            )
+        logps, entropies, aux_loss = result
         if self._epo_capture and entropies is not None:
             self._epo_entropies = entropies  # the loss forward's entropies, with their graph
+        return logps, entropies, aux_loss
+
+    def _packed_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss
+    ):
+        """TRL's chunked forward for rows that pack several windowed prompts (see `RolloutConfig.history_turns`):
+        positions restart at every block marker and, with no 2D attention mask, transformers keeps the packed
+        blocks apart (each block attends only to itself), so every answer is scored on exactly the context it was
+        generated from."""
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies, all_aux = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids = input_ids[start : start + batch_size]
+            mask = attention_mask[start : start + batch_size]
+            position_ids = block_position_ids(ids, mask, self.packed_block_marker)
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            extra = {"output_router_logits": True} if compute_aux_loss else {}
+            with self.accelerator.autocast():
+                outputs = model(
+                    input_ids=ids, position_ids=position_ids, labels=labels, fused_lm_head=True, use_cache=False,
+                    **extra,
+                )
+            all_logps.append(outputs.log_probs[:, -logits_to_keep:])
+            if compute_entropy:
+                all_entropies.append(outputs.entropy[:, -logits_to_keep:])
+            if compute_aux_loss:
+                all_aux.append(outputs.aux_loss)
+        logps = torch.cat(all_logps, dim=0)
+        entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+        aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
         return logps, entropies, aux_loss
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -297,6 +341,25 @@ class EPOTrainer(GRPOTrainer):
                 f"{path} is missing, so the EPO entropy reference cannot be restored. Resume from a checkpoint written "
                 "by EPOTrainer, or start a new run."
             )
+
+
+def block_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
+    """Position ids that restart at 0 at the first real token of each row and at every occurrence of `marker` (the
+    header every packed block starts with). Left padding forms its own block; positions after the last real token
+    simply continue (causal attention keeps them from affecting real tokens)."""
+    batch, length = input_ids.shape
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 0] = True
+    first_real = attention_mask.long().argmax(dim=1)
+    starts[torch.arange(batch, device=input_ids.device), first_real] = True
+    m = len(marker)
+    if 0 < m <= length:
+        pattern = torch.as_tensor(marker, device=input_ids.device, dtype=input_ids.dtype)
+        hits = (input_ids.unfold(1, m, 1) == pattern).all(-1) & attention_mask[:, : length - m + 1].bool()
+        starts[:, : length - m + 1] |= hits
+    index = torch.arange(length, device=input_ids.device).expand(batch, -1)
+    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - last_start
 
 
 def write_json_atomic(path: str, payload: dict) -> None:

@@ -30,7 +30,7 @@ class StepResult:
         done: the episode is over (won, lost or the env's own move limit).
         won: the task is solved (the env's own goal check).
         admissible_actions: the actions the env accepts now, when it can list them (None otherwise).
-        info: anything else. Conventions: `task_description` (str, set by `reset`), `score` (float, env score),
+        info: anything else. Conventions: `task_description` (str, set by `reset`), `score` (float, env score on a 0-100 scale),
             `invalid_action` (bool, the env did not understand the action), `env_error` (str, set by the pool when
             the env raised, hung or its worker died: the episode counts as failed).
     """
@@ -193,12 +193,25 @@ class PromptStyle:
     max_observation_chars: int = 2000
 
     def first_user_message(self, task_description: str, result: StepResult, fmt: ActionFormat) -> str:
+        return self.window_user_message(task_description, [], self.observation_text(result), fmt)
+
+    def window_user_message(
+        self, task_description: str, history: Sequence[tuple[str, str]], current: str, fmt: ActionFormat
+    ) -> str:
+        """The user message of a windowed context: the task, the last (observation, action) pairs, and the current
+        observation text (already rendered by `observation_text`)."""
         parts = []
         if not self.use_system_message:
             parts.append(self.instruction.format(example=fmt.example()))
         if task_description:
             parts.append(f"Task: {task_description.strip()}")
-        parts.append(self.observation_text(result))
+        if history:
+            lines = [f"Your last {len(history)} step(s):"]
+            for observation, action in history:
+                lines.append(observation)
+                lines.append(f"Your action: {action}")
+            parts.append("\n".join(lines))
+        parts.append(current)
         return "\n\n".join(parts)
 
     def observation_text(self, result: StepResult) -> str:

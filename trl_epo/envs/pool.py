@@ -76,6 +76,16 @@ def _worker_main(fd: int, parent_pid: int) -> None:
             break
         if command == "close":
             break
+        if command == "prefetch":  # a hint, no reply: let the env prepare upcoming tasks in the background
+            try:
+                if env is None:
+                    env = factory()
+                hint = getattr(env, "prefetch", None)
+                if callable(hint):
+                    hint(payload)
+            except Exception:
+                pass  # a failed hint costs nothing: the real reset reports any problem
+            continue
         try:
             if env is None:
                 env = factory()
@@ -200,6 +210,30 @@ class EnvPool:
     def step(self, actions: Sequence[tuple[int, str]]) -> list[StepResult]:
         """Apply one action in each given slot: ``[(slot, action), ...]`` -> results in the same order."""
         return self._run("step", actions, self.step_timeout)
+
+    def prefetch(self, assignments: Sequence[tuple[int, Sequence[Any]]]) -> None:
+        """Hint upcoming tasks to the envs of some slots: ``[(slot, [task, ...]), ...]``. Envs with a
+        ``prefetch(tasks)`` method (e.g. ALFWorld's, which translates games in a background thread) prepare them so
+        that the later `reset` is fast. Returns at once; never fails (process backend: only running workers get it;
+        thread/inline backends: called directly)."""
+        if self._closed:
+            return
+        for slot, tasks in assignments:
+            if self.backend == "process":
+                worker = self._workers[slot]
+                if worker is not None and worker.is_alive():
+                    try:
+                        worker.conn.send(("prefetch", list(tasks)))
+                    except (OSError, EOFError, BrokenPipeError):
+                        pass
+            else:
+                hint = getattr(self._envs[slot], "prefetch", None)
+                if callable(hint):
+                    try:
+                        hint(list(tasks))
+                    except Exception:
+                        pass
+        self.stats["prefetch_hints"] += len(assignments)
 
     def close(self) -> None:
         """Close every env and stop every worker (idempotent)."""
