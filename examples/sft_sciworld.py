@@ -59,7 +59,13 @@ class SciWorldSFTArguments:
     )
     show_objects: bool = field(default=True, metadata={"help": "Observations list the objects the agent can refer to."})
     show_action_templates: str = field(
-        default="reset", metadata={"help": "Action templates in the first observation ('reset'), 'every_step', 'never'."}
+        default="task", metadata={"help": "Action templates with the task ('task'), in every observation ('every_step'), "
+                                  "or 'never'."}
+    )
+    history_turns: int | None = field(
+        default=None,
+        metadata={"help": "Prompt layout of the RL run that follows: None = full conversation (EPOConfig "
+                  "env_history_turns=None), k = the paper's windowed prompts with the last k steps."},
     )
     env_workers: int = field(default=1, metadata={"help": "Parallel simulator JVMs used to replay the gold paths."})
     whole_episodes: bool = field(
@@ -86,7 +92,8 @@ def load_model_and_tokenizer(args: SciWorldSFTArguments, model_args: ModelConfig
     if args.tiny_model:
         from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer
 
-        texts = [m["content"] for row in dataset for m in row["messages"]]
+        texts = [m["content"] for row in dataset for m in (row["messages"] if "messages" in row
+                                                             else row["prompt"] + row["completion"])]
         tokenizer = build_tiny_tokenizer(texts[:20_000], vocab_size=args.tiny_vocab_size)
         model = build_tiny_model(tokenizer, hidden_size=args.tiny_hidden_size, num_layers=args.tiny_num_layers,
                                  max_position_embeddings=8192)
@@ -140,20 +147,23 @@ def main():
         prompt_style=sciworld_prompt_style(),
         env_kwargs=env_kwargs,
         num_workers=script_args.env_workers,
-        format="messages",
+        **(dict(format="messages") if script_args.history_turns is None
+           else dict(format="prompt_completion", history=script_args.history_turns)),
     )
-    print(f"Expert data: {len(dataset)} solved gold episodes ({script_args.num_tasks} tasks drawn from "
-          f"{script_args.split}).")
+    solved = len(set(zip(dataset["task"], dataset["variation"])))
+    print(f"Expert data: {solved} solved gold episodes ({script_args.num_tasks} tasks drawn from {script_args.split}).")
 
     model, tokenizer = load_model_and_tokenizer(script_args, model_args, training_args, dataset)
     # Whole episodes with the loss on every expert answer when the chat template can mark assistant turns (ChatML,
     # e.g. the tiny tokenizer); otherwise one prompt/completion row per turn (loss on the completion).
-    if script_args.whole_episodes and enable_assistant_masks(tokenizer):
+    if "messages" in dataset.column_names and script_args.whole_episodes and enable_assistant_masks(tokenizer):
         training_args.assistant_only_loss = True
         dataset = dataset.select_columns(["messages"])
         print("Training on whole episodes (assistant_only_loss).")
     else:
-        dataset = drop_too_long(to_prompt_completion(dataset), tokenizer, training_args.max_length)
+        if "messages" in dataset.column_names:
+            dataset = to_prompt_completion(dataset)
+        dataset = drop_too_long(dataset, tokenizer, training_args.max_length)
         dataset = dataset.select_columns(["prompt", "completion"])
         print(f"Training on {len(dataset)} prompt/completion turns.")
 
@@ -171,6 +181,7 @@ def main():
     if trainer.accelerator.is_main_process:
         with open(os.path.join(training_args.output_dir, "sciworld_env.json"), "w") as f:
             json.dump({"env_kwargs": env_kwargs, "simplification": script_args.simplification,
+                       "history_turns": script_args.history_turns,
                        "instruction": SCIWORLD_INSTRUCTION}, f, indent=2)
     print(f"Saved the warm-started model and tokenizer to {training_args.output_dir}")
 

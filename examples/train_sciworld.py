@@ -60,7 +60,8 @@ class SciWorldTrainArguments:
     )
     show_objects: bool = field(default=True, metadata={"help": "Observations list the objects the agent can name."})
     show_action_templates: str = field(
-        default="reset", metadata={"help": "Action templates in the first observation ('reset'), 'every_step', 'never'."}
+        default="task", metadata={"help": "Action templates with the task ('task'), in every observation ('every_step'), "
+                                  "or 'never'."}
     )
     admissible_actions: bool = field(
         default=False, metadata={"help": "Compute the valid-action list every step (slow; shown when listed)."}
@@ -104,8 +105,9 @@ def env_kwargs_of(script_args: SciWorldTrainArguments, training_args: EPOConfig)
 
 def warm_start(model, tokenizer, expert, script_args: SciWorldTrainArguments, training_args: EPOConfig):
     """Behaviour cloning on gold paths with TRL's SFTTrainer, loss on the expert answers only: whole episodes with
-    `assistant_only_loss` when the chat template can mark assistant turns, else one prompt/completion row per turn."""
-    whole_episodes = enable_assistant_masks(tokenizer)
+    `assistant_only_loss` when the layout is the full conversation and the chat template can mark assistant turns,
+    else one prompt/completion row per turn."""
+    whole_episodes = "messages" in expert.column_names and enable_assistant_masks(tokenizer)
     if whole_episodes:
         data = expert.select_columns(["messages"])
     else:
@@ -113,7 +115,8 @@ def warm_start(model, tokenizer, expert, script_args: SciWorldTrainArguments, tr
             text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
             return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= script_args.warm_start_max_length
 
-        data = to_prompt_completion(expert).filter(fits).select_columns(["prompt", "completion"])
+        turns = to_prompt_completion(expert) if "messages" in expert.column_names else expert
+        data = turns.filter(fits).select_columns(["prompt", "completion"])
     unit = "whole gold episodes" if whole_episodes else "gold-path turns"
     PartialState().print(f"Warm start: {script_args.warm_start_steps} SFT steps on {len(data)} {unit}")
     config = SFTConfig(
@@ -213,13 +216,18 @@ def main():
         else:
             expert_tasks = make_tasks(script_args.train_split, num_tasks=script_args.warm_start_tasks,
                                       seed=script_args.dataset_seed + 1, **task_kwargs)
-        expert = expert_sft_dataset(tasks=expert_tasks, prompt_style=style, env_kwargs=env_kwargs, format="messages")
-        log(f"Expert data: {len(expert)} solved gold episodes of {len(expert_tasks)} drawn tasks")
+        # The rollout's layout: whole conversations, or the paper's windowed prompts (one row per turn).
+        layout = (dict(format="messages") if training_args.env_history_turns is None
+                  else dict(format="prompt_completion", history=training_args.env_history_turns))
+        expert = expert_sft_dataset(tasks=expert_tasks, prompt_style=style, env_kwargs=env_kwargs, **layout)
+        solved = len(set(zip(expert["task"], expert["variation"])))
+        log(f"Expert data: {solved} solved gold episodes of {len(expert_tasks)} drawn tasks")
 
     if script_args.tiny_model:
         from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer
 
-        texts = [m["content"] for row in expert for m in row["messages"][1:]] + [style.instruction]
+        conversations = (row["messages"] if "messages" in row else row["prompt"] + row["completion"] for row in expert)
+        texts = [m["content"] for messages in conversations for m in messages[1:]] + [style.instruction]
         tokenizer = build_tiny_tokenizer(texts[:20_000], vocab_size=script_args.tiny_vocab_size)
         model = build_tiny_model(tokenizer, hidden_size=script_args.tiny_hidden_size,
                                  num_layers=script_args.tiny_num_layers, max_position_embeddings=16384,

@@ -216,8 +216,11 @@ def test_move_limit_ends_the_episode(env):
 
 def test_observation_shows_templates_and_objects_but_no_valid_action_list(env):
     first = env.reset(task("find-plant", 0))
-    assert "Action templates" in first.observation and "focus on OBJ" in first.observation
-    assert "reset task" not in first.observation
+    # the action templates go with the task description (shown in every prompt layout), not the observation
+    description = first.info["task_description"]
+    assert description.startswith(first.info["task_text"]) and first.info["task_text"].startswith("Your task is")
+    assert "Action templates" in description and "focus on OBJ" in description and "reset task" not in description
+    assert "Action templates" not in first.observation
     assert "Objects you can refer to:" in first.observation
     assert first.admissible_actions is None
     step = env.step("look around")
@@ -235,6 +238,21 @@ def test_admissible_actions_on_request():
         assert step.admissible_actions and not step.info["invalid_action"]
     finally:
         listing.close()
+
+
+def test_action_templates_in_every_observation_or_never():
+    every = ScienceWorldEnv(show_action_templates="every_step", show_objects=False)
+    never = ScienceWorldEnv(show_action_templates="never", show_objects=False)
+    try:
+        first = every.reset(task("find-plant", 0))
+        assert "Action templates" in first.observation and "Action templates" not in first.info["task_description"]
+        assert "Action templates" in every.step("look around").observation
+        first = never.reset(task("find-plant", 0))
+        assert first.info["task_description"] == first.info["task_text"]
+        assert "Action templates" not in first.observation
+    finally:
+        every.close()
+        never.close()
 
 
 def test_jvm_is_reused_across_episodes_and_errors_are_clear(env):
@@ -384,6 +402,14 @@ def test_expert_sft_dataset_replays_gold_paths_in_the_rollout_format():
     turns = to_prompt_completion(whole)
     assert len(turns) == len(answers) and turns["turn"] == list(range(len(answers)))
     assert turns[len(answers) - 1]["prompt"] + turns[len(answers) - 1]["completion"] == messages
+    # The paper's windowed layout: one user message per prompt (task, last 2 steps, observation).
+    windowed = expert_sft_dataset(tasks=[task("find-non-living-thing", 0)], history=2)  # a 5-step gold path
+    assert len(windowed) >= 3
+    assert all(len(row["prompt"]) == 2 and row["prompt"][1]["content"].startswith("Task: ") for row in windowed)
+    assert "Your last" not in windowed[0]["prompt"][1]["content"]
+    assert all("Your last 2 step(s):" in row["prompt"][1]["content"] for row in windowed if row["turn"] >= 2)
+    with pytest.raises(ValueError, match="prompt_completion"):
+        expert_sft_dataset(tasks=[task(first_task)], history=2, format="messages")
 
 
 def test_chatml_template_gains_assistant_masks_without_changing_its_rendering(tokenizer):
@@ -400,3 +426,44 @@ def test_chatml_template_gains_assistant_masks_without_changing_its_rendering(to
     assert tok.decode(answer) == "<action>look around</action><|im_end|>"
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # not ChatML: left alone
     assert not enable_assistant_masks(tok)
+
+
+@pytest.mark.parametrize("history", [None, 1])
+def test_expert_prompts_are_exactly_what_the_rollout_shows(tokenizer, history):
+    """Play a gold path through the real MultiTurnRollout (a scripted model answers with the gold actions) and check
+    that every expert SFT prompt renders to the very context the policy was given, in both prompt layouts."""
+    from scripted import ScriptedLM
+
+    from trl_epo.envs.sciworld import gold_episodes, sciworld_prompt_style
+    from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
+
+    style = sciworld_prompt_style()
+    env_kwargs = dict(max_turns=30, show_objects=True)
+    spec = task("lifespan-longest-lived", 3)
+    episode = gold_episodes([spec], env_kwargs=env_kwargs)[0]
+    if history is None:
+        messages = episode.messages(style)
+        expected = [messages[:i] for i, m in enumerate(messages) if m["role"] == "assistant"]
+    else:
+        expected = [prompt for prompt, _ in episode.windowed_turns(history, style)]
+    answers = iter(episode.actions)
+    seen: dict[str, str] = {}
+
+    def policy(context: str) -> str:  # called for every generated token; a new context means a new turn
+        if context not in seen:
+            seen[context] = ActionFormat().example(next(answers))
+        return seen[context]
+
+    model = ScriptedLM(tokenizer, policy)
+    config = RolloutConfig(max_turns=30, max_turn_tokens=64, prompt_style=style, pool_backend="inline",
+                           history_turns=history, progress_bar=False)
+    rollout = MultiTurnRollout(functools.partial(ScienceWorldEnv, **env_kwargs), config)
+    try:
+        played, _ = rollout.play([spec], ModelGenerator(model, tokenizer, temperature=0, progress_bar=False), tokenizer)
+    finally:
+        rollout.close()
+    assert played[0].won and played[0].actions == episode.actions
+    contexts = list(seen)
+    assert len(contexts) == len(expected)
+    for context, prompt in zip(contexts, expected):
+        assert context == tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -47,6 +47,7 @@ ENV_ALIASES = ("sciworld", "scienceworld")
 DEFAULT_JAVA_OPTIONS = ("-Xmx512m", "-XX:+UseSerialGC", "-XX:ActiveProcessorCount=1")
 DEFAULT_SIMPLIFICATION = "easy"
 SUCCESS_RULES = ("score", "paper")
+TEMPLATE_PLACEMENTS = ("task", "every_step", "never")
 REWARD_MODES = ("success", "score_delta")
 
 # The 30 task types, by their simulator names (the order of the simulator's `getTaskNames`, which the paper's code
@@ -95,7 +96,7 @@ HIDDEN_TEMPLATES = ("reset task",)  # would restart the episode mid-way: not off
 
 SCIWORLD_INSTRUCTION = (
     "You are an agent in ScienceWorld, a text-based science laboratory. Read the task, then act in the world "
-    "one command at a time to complete it. Commands follow the action templates shown with the first observation "
+    "one command at a time to complete it. Commands follow the action templates shown with the task "
     "(replace OBJ with the name of an object you can see, e.g. 'open door to kitchen', 'pick up thermometer', "
     "'focus on substance in metal pot'). 'focus on OBJ' is a commitment: focus only on the object the task asks "
     "about, since focusing on the wrong one fails the task. If the game asks you to choose between numbered options, "
@@ -396,8 +397,10 @@ class ScienceWorldEnv:
         reward: ``"success"`` (1.0 on the step the episode is won) or ``"score_delta"`` (score change / 100).
         admissible_actions: compute the simulator's valid action list at every step (`StepResult.admissible_actions`).
             Costly (most of a step's time); off by default.
-        show_action_templates: append the task's action templates to the first observation (``"reset"``), to every
-            observation (``"every_step"``) or never (``"never"``).
+        show_action_templates: where the task's action templates ("open OBJ", "move OBJ to OBJ", ...) are shown:
+            ``"task"`` (default) appends them to `info["task_description"]`, so the rollout shows them once in a
+            full-context conversation and in every windowed prompt (``env_history_turns=k``); ``"every_step"``
+            appends them to every observation; ``"never"``. `info["task_text"]` is the bare task description.
         show_objects: append the objects the agent can refer to (in its current room) to every observation.
         with_gold_path: have the simulator generate the gold action sequence at reset (`info["gold_actions"]`); slow
             for some tasks (up to ~10 s), for expert data only.
@@ -416,7 +419,7 @@ class ScienceWorldEnv:
         success_rule: str = "score",
         reward: str = "success",
         admissible_actions: bool = False,
-        show_action_templates: str = "reset",
+        show_action_templates: str = "task",
         show_objects: bool = True,
         with_gold_path: bool = False,
         default_simplification: str = DEFAULT_SIMPLIFICATION,
@@ -430,9 +433,9 @@ class ScienceWorldEnv:
             raise ValueError(f"success_rule must be one of {SUCCESS_RULES}, got {success_rule!r}.")
         if reward not in REWARD_MODES:
             raise ValueError(f"reward must be one of {REWARD_MODES}, got {reward!r}.")
-        if show_action_templates not in ("reset", "every_step", "never"):
+        if show_action_templates not in TEMPLATE_PLACEMENTS:
             raise ValueError(
-                f"show_action_templates must be 'reset', 'every_step' or 'never', got {show_action_templates!r}."
+                f"show_action_templates must be one of {TEMPLATE_PLACEMENTS}, got {show_action_templates!r}."
             )
         if max_action_chars < 1:
             raise ValueError(f"max_action_chars must be >= 1, got {max_action_chars}.")
@@ -477,9 +480,13 @@ class ScienceWorldEnv:
             task_description=str(server.getTaskDescription()),
             templates_text=self._templates_text(server) if self.show_action_templates != "never" else "",
         )
-        observation = self._decorate(str(server.freeActionLook()), first=True)
+        observation = self._decorate(str(server.freeActionLook()))
         result = self._result(observation, reward=0.0, invalid=False)
-        result.info["task_description"] = episode.task_description
+        result.info["task_text"] = episode.task_description
+        result.info["task_description"] = (
+            f"{episode.task_description}\n\n{episode.templates_text}" if self.show_action_templates == "task"
+            else episode.task_description
+        )
         if self.with_gold_path:
             result.info["gold_actions"] = [str(a) for a in server.getGoldActionSequence()]
         return result
@@ -585,13 +592,13 @@ class ScienceWorldEnv:
             },
         )
 
-    def _decorate(self, text: str, first: bool = False) -> str:
+    def _decorate(self, text: str) -> str:
         episode = self._episode
         parts = [text.strip()]
         if not episode.done:
             if self.show_objects:
                 parts.append("Objects you can refer to: " + self._objects_text())
-            if episode.templates_text and (first or self.show_action_templates == "every_step"):
+            if episode.templates_text and self.show_action_templates == "every_step":
                 parts.append(episode.templates_text)
         return "\n\n".join(p for p in parts if p)
 
@@ -664,6 +671,27 @@ class GoldEpisode:
                 messages.append({"role": "user", "content": style.observation_text(self.results[turn - 1])})
             messages.append({"role": "assistant", "content": fmt.example(action)})
         return messages
+
+    def windowed_turns(self, history: int, prompt_style: PromptStyle | None = None,
+                       action_format: ActionFormat | None = None) -> list[tuple[list[dict[str, str]], dict[str, str]]]:
+        """The episode as the windowed rollout (``history_turns=history``, the paper's layout) shows it: for every
+        turn, ``(prompt, answer)`` with prompt = [system, one user message with the task, the last `history`
+        (observation, action) pairs and the current observation]."""
+        if history < 0:
+            raise ValueError(f"history must be >= 0 (or use messages() for the full context), got {history}.")
+        style = prompt_style or sciworld_prompt_style()
+        fmt = action_format or ActionFormat()
+        system = [m for m in [style.system_message(fmt)] if m]
+        shown: list[tuple[str, str]] = []
+        turns = []
+        for result, action in zip([self.first, *self.results], self.actions):
+            text = style.observation_text(result)
+            recent = shown[-history:] if history else []
+            content = style.window_user_message(self.task_description, recent, text, fmt)
+            turns.append((system + [{"role": "user", "content": content}],
+                          {"role": "assistant", "content": fmt.example(action)}))
+            shown.append((text, action))
+        return turns
 
 
 def _play_gold(reset: StepResult, step_fn) -> tuple[list[str], list[StepResult]]:
@@ -756,6 +784,7 @@ def expert_sft_dataset(
     num_workers: int = 1,
     keep_unsolved: bool = False,
     tasks: Sequence[TaskSpec | Mapping[str, Any]] | None = None,
+    history: int | None = None,
 ):
     """A chat-format SFT `datasets.Dataset` from ScienceWorld gold paths, in the rollout's message format.
 
@@ -766,6 +795,10 @@ def expert_sft_dataset(
     conversation in ``messages`` (train on assistant turns only with ``assistant_only_loss=True`` and a chat template
     that marks them). Every row also carries the task columns (`task`, `variation`, `turn`, `won`).
 
+    `history=None` lays prompts out like the rollout's default full-context conversation; `history=k` like its
+    windowed prompts (``env_history_turns=k``, the paper's layout: the task, the last k (observation, action) pairs
+    and the current observation in one user message; prompt/completion rows only).
+
     The tasks are drawn with `make_tasks(split, num_tasks, seed, simplification, task_types, balanced)`, or given
     explicitly as `tasks` (TaskSpecs or dataset rows). Use the same `prompt_style` and `env_kwargs` (observation
     settings, `max_turns`) as the RL run that follows.
@@ -774,6 +807,8 @@ def expert_sft_dataset(
 
     if format not in SFT_FORMATS:
         raise ValueError(f"format must be one of {SFT_FORMATS}, got {format!r}.")
+    if history is not None and format == "messages":
+        raise ValueError("Windowed prompts (history=k) give one prompt per turn: use format='prompt_completion'.")
     if tasks is None:
         tasks = make_tasks(split, num_tasks=num_tasks, seed=seed, simplification=simplification,
                            task_types=task_types, balanced=balanced)
@@ -793,6 +828,9 @@ def expert_sft_dataset(
         messages = episode.messages(prompt_style, action_format)
         if format == "messages":
             rows = [(len(episode.actions), {"messages": messages})]
+        elif history is not None:
+            rows = [(turn, {"prompt": prompt, "completion": [answer]})
+                    for turn, (prompt, answer) in enumerate(episode.windowed_turns(history, prompt_style, action_format))]
         else:
             answer_positions = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
             rows = [(turn, {"prompt": messages[:i], "completion": [messages[i]]})
