@@ -13,7 +13,7 @@ Offline, on CPU, with a tiny model built locally (a few minutes):
 
 A real model (one GPU; or `accelerate launch` for several):
 
-    python examples/sft_sciworld.py --model_name_or_path Qwen/Qwen2.5-7B-Instruct --num_tasks 1024 \\
+    python examples/sft_sciworld.py --model_name_or_path Qwen/Qwen2.5-7B-Instruct --num_tasks 1024 --history_turns 2 \\
         --env_workers 8 --output_dir out/sft-sciworld-qwen7b --num_train_epochs 2 --learning_rate 1e-5 \\
         --per_device_train_batch_size 2 --gradient_accumulation_steps 8 --max_length 8192 --bf16 True \\
         --gradient_checkpointing True
