@@ -282,6 +282,85 @@ class EPOTrainer(GRPOTrainer):
                 "by EPOTrainer, or start a new run."
             )
 
+    # ----------------------------------------------------------------------------------------------------------------
+    # Distributed setup check
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        check_process_group(self.accelerator)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Hub: model card and saving (the logic lives in trl_epo.hub)
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        eval_results=None,
+        output_dir: str | None = None,
+        contents: str | None = None,
+    ):
+        """TRL's model card (README.md in `args.output_dir`) plus an "EPO training" section: environment and split,
+        `epo_*`/`env_*` settings, adapter, final entropy reference and, when present, the evaluation table and
+        `model-index` (from `eval_results`, or `<output_dir>/eval_results.json` written by
+        `trl_epo.hub.save_eval_results`). With `output_dir`, the card is (also) written there, noting `contents`."""
+        if model_name is None:  # as TRL names it at checkpoints and in push_to_hub
+            hub_id = self.args.hub_model_id
+            model_name = hub_id.split("/")[-1] if hub_id else os.path.basename(os.path.abspath(self.args.output_dir))
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        from huggingface_hub import ModelCard
+
+        from . import hub
+
+        readme = os.path.join(self.args.output_dir, "README.md")
+        trl_card = ModelCard.load(readme)
+        if eval_results is None:
+            results = hub.load_eval_results(self.args.output_dir)
+        elif isinstance(eval_results, str):
+            results = hub.load_eval_results(eval_results)
+        else:
+            results = [r if isinstance(r, hub.EvalResult) else hub.EvalResult.from_dict(r) for r in eval_results]
+        summary = hub.training_summary(self)
+        hub.add_epo_section(trl_card, summary, results, tags=self._tag_names).save(readme)
+        if output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+            os.makedirs(output_dir, exist_ok=True)
+            card = hub.add_epo_section(ModelCard.load(readme), summary, results, contents=contents, tags=self._tag_names)
+            card.save(os.path.join(output_dir, "README.md"))
+
+    def save_adapter(self, output_dir: str | None = None) -> str:
+        """Save the PEFT adapter alone (+ tokenizer and model card). Call it on every process."""
+        from .hub import save_adapter
+
+        return save_adapter(self, output_dir)
+
+    def save_merged_model(self, output_dir: str, safe_serialization: bool = True) -> str:
+        """Save the base model with the adapter merged in (+ tokenizer and card); refuses a 4-bit/8-bit base.
+        Call it on every process."""
+        from .hub import save_merged_model
+
+        return save_merged_model(self, output_dir, safe_serialization=safe_serialization)
+
+
+def check_process_group(accelerator) -> None:
+    """Fail fast when torch.distributed runs several processes but accelerate sees only this one.
+
+    The processes would then train separate models, never reduce their statistics, and end with different EPO entropy
+    references. It happens with DeepSpeed on a machine without GPUs, where accelerate finds no communication backend.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
+        raise RuntimeError(
+            f"torch.distributed runs {dist.get_world_size()} processes but accelerate sees "
+            f"{accelerator.num_processes}: each process would train alone and the EPO entropy reference would differ "
+            "between processes. Without GPUs (e.g. DeepSpeed on CPU) set the backend explicitly: `--ddp_backend gloo` "
+            "(TrainingArguments.ddp_backend='gloo')."
+        )
 
 def write_json_atomic(path: str, payload: dict) -> None:
     """Write JSON so that a crash never leaves a half-written file (temp file + atomic rename)."""
