@@ -52,20 +52,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: str, output_dir, extra_flags=(), export_dir=None) -> dict[int, dict]:
-    report_dir = os.path.join(output_dir, "reports")
+def run_launch(config: str, output_dir, flags, export_dir=None) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", os.path.join(REPO, "examples", "accelerate", config),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
         os.path.join(REPO, "tests", "distributed_epo_run.py"),
-        "--report_dir", report_dir, "--output_dir", str(output_dir), *COMMON_FLAGS, *extra_flags,
+        "--report_dir", os.path.join(output_dir, "reports"), "--output_dir", str(output_dir), *flags,
     ]
     if export_dir is not None:
         command += ["--export_dir", str(export_dir)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def launch(config: str, output_dir, extra_flags=(), export_dir=None) -> dict[int, dict]:
+    report_dir = os.path.join(output_dir, "reports")
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    result = run_launch(config, output_dir, [*COMMON_FLAGS, *extra_flags], export_dir)
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, f"launch failed after {elapsed:.0f}s:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     reports = {}
@@ -183,3 +187,15 @@ def test_deepspeed_zero3_lora_exports_adapter_and_merged_model(tmp_path):
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-6, msg=key)
     card = (export_dir / "merged" / "README.md").read_text()
     assert "merged" in card and "DeepSpeed ZeRO-3 over 2 process(es)" in card
+
+
+@pytest.mark.slow
+def test_deepspeed_without_a_backend_on_cpu_fails_clearly(tmp_path):
+    # Without GPUs accelerate finds no backend for DeepSpeed and would let each process train alone (and end with its
+    # own EPO reference); EPOTrainer stops at construction and says what to do.
+    i = COMMON_FLAGS.index("--ddp_backend")
+    flags = COMMON_FLAGS[:i] + COMMON_FLAGS[i + 2 :]
+    result = run_launch("zero2.yaml", tmp_path / "run", flags)
+    assert result.returncode != 0
+    assert "accelerate sees 1" in result.stderr and "--ddp_backend gloo" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint-1").exists()

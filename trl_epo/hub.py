@@ -336,7 +336,7 @@ def epo_card_section(summary: Mapping[str, Any], eval_results: Sequence[EvalResu
         out.append("The training dataset has no task columns (`env`, `split`, `task`): environment not recorded.")
     env = summary.get("env") or {}
     if env:
-        out += ["", _table(["rollout setting", "value"], sorted(env.items()))]
+        out += ["", _table(["rollout setting", "value"], [(f"`{k}`", v) for k, v in sorted(env.items())])]
     out.append("")
 
     out += ["### EPO settings", ""]
