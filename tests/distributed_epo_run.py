@@ -8,7 +8,8 @@ same max_steps, and writes `DIR/rank<r>.json` per process with: the EPO referenc
 resume, this process's *local* (pre-reduction) entropy sums per optimizer step, the logged losses, and per rollout the
 number of generate calls (turns), of `unwrap_model_for_generation` entries and of ZeRO-3 parameter gathers (counted by
 wrapping the real functions, which still run). With `--export_dir` (a PEFT run) it also saves the adapter alone and the
-merged model there.
+merged model there. With `--uneven_turns` (and `--env_max_turns 3 --max_completion_length 200`), process 0's episodes end
+after 2 turns (a smaller token budget) and process 1's after 3.
 """
 
 import json
@@ -66,7 +67,7 @@ class Probe:
         real_play = rollout_module.MultiTurnRollout.play
 
         def counting_play(self, tasks, generator, tokenizer):
-            probe.current = {"gathers": [], "unwraps": 0}
+            probe.current = {"gathers": [], "unwraps": 0, "all_generate_calls": 0}
             try:
                 episodes, stats = real_play(self, tasks, generator, tokenizer)
             finally:
@@ -77,6 +78,15 @@ class Probe:
             return episodes, stats
 
         rollout_module.MultiTurnRollout.play = counting_play
+
+        real_generate = rollout_module.TrainerGenerator.generate
+
+        def counting_generate(self, contexts, limits):
+            if probe.current is not None:  # every call, including the empty ones that keep processes in lockstep
+                probe.current["all_generate_calls"] += 1
+            return real_generate(self, contexts, limits)
+
+        rollout_module.TrainerGenerator.generate = counting_generate
 
         real_end_of_step = EPOTrainer._epo_end_of_step
 
@@ -90,10 +100,25 @@ class Probe:
         EPOTrainer._epo_end_of_step = recording_end_of_step
 
 
+def make_uneven(trainer, training_args):
+    """Process 0 gets a smaller episode token budget, so its episodes are cut after 2 turns while process 1's play 3,
+    as when one process draws longer episodes: the rollout must keep the processes in lockstep (under ZeRO-3,
+    generation runs collectives). The turn limit stays the same everywhere, as in a real run."""
+    from trl_epo.rollout import RolloutConfig
+
+    config = RolloutConfig.from_args(training_args)
+    if trainer.accelerator.process_index == 0:
+        config.max_episode_tokens = 96
+    trainer.rollout_func.config = config
+
+
 def main():
     argv = sys.argv[1:]
     report_dir = pop_flag(argv, "--report_dir")
     export_dir = pop_flag(argv, "--export_dir") if "--export_dir" in argv else None
+    uneven_turns = "--uneven_turns" in argv
+    if uneven_turns:
+        argv.remove("--uneven_turns")
     probe = Probe()
     probe.install()
 
@@ -102,6 +127,8 @@ def main():
 
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     trainer = build_trainer(script_args, training_args, model_args)
+    if uneven_turns:
+        make_uneven(trainer, training_args)
     n_params = len(list(trainer.model.parameters()))
     trainer.train()
     trained = {
@@ -127,6 +154,8 @@ def main():
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     checkpoint = os.path.join(training_args.output_dir, "checkpoint-1")
     resumed = build_trainer(script_args, training_args, model_args)
+    if uneven_turns:
+        make_uneven(resumed, training_args)
     resumed.train(resume_from_checkpoint=checkpoint)
     report = {
         "rank": rank,

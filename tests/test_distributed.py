@@ -79,7 +79,7 @@ def launch(config: str, output_dir, extra_flags=(), export_dir=None) -> dict[int
     return reports
 
 
-def check_run(reports, output_dir, zero_stage):
+def check_run(reports, output_dir, zero_stage, gathered, uneven=False):
     r0, r1 = reports[0], reports[1]
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["zero_stage"] == r1["zero_stage"] == zero_stage
@@ -102,19 +102,22 @@ def check_run(reports, output_dir, zero_stage):
     for step, (a, b) in enumerate(zip(local0, local1)):
         assert reference["history"][step] == pytest.approx((a["sum"] + b["sum"]) / (a["count"] + b["count"]), rel=1e-6)
 
-    # Generation: one unwrap (and under ZeRO-3 one gather of all weights) per rollout, several turns per rollout; the
-    # processes stay in lockstep (same number of generate calls).
+    # Generation: one unwrap (and, when gathering under ZeRO-3, one gather of all weights) per rollout, several turns
+    # per rollout; the processes make the same number of generate calls (lockstep), even when one of them runs out of
+    # live episodes earlier (uneven: process 0's episodes end after 2 turns, process 1's after 3).
     for report in (r0, r1):
         rollouts = report["trained"]["rollouts"]
         assert len(rollouts) == 2
         for rollout in rollouts:
             assert rollout["unwraps"] == 1
             assert rollout["generate_calls"] >= 2 and rollout["max_turns"] >= 2
-            if zero_stage == 3:
-                assert rollout["gathers"] == [report["num_model_params"]]
-            else:
-                assert rollout["gathers"] == []
-    assert [r["generate_calls"] for r in r0["trained"]["rollouts"]] == [r["generate_calls"] for r in r1["trained"]["rollouts"]]
+            assert rollout["gathers"] == ([report["num_model_params"]] if gathered else [])
+            if uneven:
+                assert rollout["max_turns"] == rollout["generate_calls"] == 2 + report["rank"]
+    calls = [[r["all_generate_calls"] for r in report["trained"]["rollouts"]] for report in (r0, r1)]
+    assert calls[0] == calls[1]
+    if uneven:
+        assert calls[0] == [3, 3]  # process 0 made one empty call per rollout to follow process 1
 
     # Checkpoints carry the reference; the resumed run restores it and reproduces the uninterrupted one.
     for step in (1, 2):
@@ -137,19 +140,23 @@ def tensors(path):
     return load_file(path)
 
 
+UNEVEN = ["--uneven_turns", "--max_completion_length", "200"]  # room for 3 turns
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "config, zero_stage, extra",
+    "config, zero_stage, extra, gathered, uneven",
     [
-        ("zero2.yaml", 2, []),
-        ("zero3.yaml", 3, ["--gradient_checkpointing", "true"]),
+        ("zero2.yaml", 2, [], False, False),
+        ("zero3.yaml", 3, ["--gradient_checkpointing", "true"], True, False),
+        ("zero3.yaml", 3, ["--ds3_gather_for_generation", "false", *UNEVEN], False, True),
     ],
-    ids=["zero2", "zero3-gradient-checkpointing"],
+    ids=["zero2", "zero3-gradient-checkpointing", "zero3-sharded-generation-uneven-turns"],
 )
-def test_deepspeed_two_processes_full_finetuning(tmp_path, config, zero_stage, extra):
+def test_deepspeed_two_processes_full_finetuning(tmp_path, config, zero_stage, extra, gathered, uneven):
     output_dir = tmp_path / "run"
     reports = launch(config, output_dir, extra)
-    check_run(reports, output_dir, zero_stage)
+    check_run(reports, output_dir, zero_stage, gathered=gathered, uneven=uneven)
     # The final model was saved whole (ZeRO-3 gathers the 16-bit weights) and training changed it.
     base = tensors(output_dir / "_tiny_base" / "model.safetensors")
     final = tensors(output_dir / "model.safetensors")
@@ -167,9 +174,12 @@ def test_deepspeed_zero3_lora_exports_adapter_and_merged_model(tmp_path):
 
     output_dir, export_dir = tmp_path / "run", tmp_path / "export"
     flags = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "all-linear",
-             "--beta", "0.04"]  # beta > 0: the KL reference is the policy with its adapter disabled
+             "--beta", "0.04",  # beta > 0: the KL reference is the policy with its adapter disabled
+             *UNEVEN]
     reports = launch("zero3.yaml", output_dir, flags, export_dir=export_dir)
-    check_run(reports, output_dir, zero_stage=3)
+    check_run(reports, output_dir, zero_stage=3, gathered=True, uneven=True)
+    for report in reports.values():
+        assert all(math.isfinite(x) for x in report["trained"]["losses"])
 
     # The adapter alone: only LoRA weights, whole (gathered), changed by training.
     adapter = tensors(export_dir / "adapter" / "adapter_model.safetensors")
