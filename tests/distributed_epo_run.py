@@ -174,7 +174,7 @@ def main():
     os.makedirs(report_dir, exist_ok=True)
     with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f, indent=1)
-    resumed.end()  # destroy the process group
+    resumed.end()  # releases the distributed model, then destroys the process group
 
 
 if __name__ == "__main__":

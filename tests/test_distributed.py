@@ -1,17 +1,20 @@
-"""Real multi-process EPO runs: `accelerate launch --num_processes 2` with the shipped DeepSpeed ZeRO-2 / ZeRO-3
-configs (gloo, CPU), the toy multi-turn env and a tiny model, through `examples/train_toy.py`'s trainer.
+"""Real multi-process EPO runs: `accelerate launch --num_processes 2` with the shipped DDP and DeepSpeed ZeRO-2 /
+ZeRO-3 / ZeRO-3-offload configs (gloo, CPU), the toy multi-turn env and a tiny model, through `examples/train_toy.py`'s
+trainer. DDP runs on the CPU through `multi_gpu.yaml` with `--use_cpu` (gloo).
 
 Each launch (tests/distributed_epo_run.py) trains 2 optimizer steps with a checkpoint per step, then resumes a fresh
 trainer from checkpoint-1; every process writes a report. Checked here: both steps finish with finite losses; the EPO
 reference is identical on both processes although their local entropies differ, and equals the global token mean; under
-ZeRO-3 the full weights are gathered exactly once per rollout while the rollout makes one generate call per turn; the
-checkpoints carry the reference and the resumed run reproduces it; the saved model is whole (ZeRO-3 gathers it). The
-LoRA run also exports the adapter alone and the merged model from ZeRO-3 shards.
+ZeRO-3 the full weights are gathered exactly once per rollout while the rollout makes one generate call per turn, and
+processes whose episodes end earlier stay in step; the checkpoints carry the reference and the resumed run reproduces
+it; the saved model is whole (ZeRO-3 gathers it). The LoRA run also exports the adapter alone and the merged model from
+ZeRO-3 shards. Launches that would make each process train alone fail at construction with advice.
 """
 
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,7 +66,16 @@ def run_launch(config: str, output_dir, flags, export_dir=None) -> subprocess.Co
     if export_dir is not None:
         command += ["--export_dir", str(export_dir)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    # A session of its own, so that a hung launch is stopped with all its worker processes.
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"launch timed out after {TIMEOUT_S}s:\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def launch(config: str, output_dir, extra_flags=(), export_dir=None) -> dict[int, dict]:
@@ -147,11 +159,12 @@ UNEVEN = ["--uneven_turns", "--max_completion_length", "200"]  # room for 3 turn
 @pytest.mark.parametrize(
     "config, zero_stage, extra, gathered, uneven",
     [
+        ("multi_gpu.yaml", 0, ["--use_cpu", "true"], False, False),  # DDP; on CPU: gloo
         ("zero2.yaml", 2, [], False, False),
-        ("zero3.yaml", 3, ["--gradient_checkpointing", "true"], True, False),
         ("zero3.yaml", 3, ["--ds3_gather_for_generation", "false", *UNEVEN], False, True),
+        ("zero3_offload.yaml", 3, ["--gradient_checkpointing", "true"], True, False),
     ],
-    ids=["zero2", "zero3-gradient-checkpointing", "zero3-sharded-generation-uneven-turns"],
+    ids=["ddp-cpu", "zero2", "zero3-sharded-generation-uneven-turns", "zero3-offload-gradient-checkpointing"],
 )
 def test_deepspeed_two_processes_full_finetuning(tmp_path, config, zero_stage, extra, gathered, uneven):
     output_dir = tmp_path / "run"
@@ -200,12 +213,22 @@ def test_deepspeed_zero3_lora_exports_adapter_and_merged_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_without_a_backend_on_cpu_fails_clearly(tmp_path):
-    # Without GPUs accelerate finds no backend for DeepSpeed and would let each process train alone (and end with its
-    # own EPO reference); EPOTrainer stops at construction and says what to do.
-    i = COMMON_FLAGS.index("--ddp_backend")
-    flags = COMMON_FLAGS[:i] + COMMON_FLAGS[i + 2 :]
-    result = run_launch("zero2.yaml", tmp_path / "run", flags)
+@pytest.mark.parametrize(
+    "config, drop_backend, message, advice",
+    [
+        ("zero2.yaml", True, "accelerate sees 1", "--ddp_backend gloo"),
+        ("multi_gpu.yaml", False, "no distributed mode", "--use_cpu"),
+    ],
+    ids=["deepspeed-without-backend", "multi-gpu-config-without-gpus"],
+)
+def test_processes_that_would_train_alone_fail_clearly(tmp_path, config, drop_backend, message, advice):
+    # Without GPUs, these launches start 2 processes that accelerate does not connect: each would train alone (and end
+    # with its own EPO reference). EPOTrainer stops at construction and says what to do.
+    flags = list(COMMON_FLAGS)
+    if drop_backend:
+        i = flags.index("--ddp_backend")
+        del flags[i : i + 2]
+    result = run_launch(config, tmp_path / "run", flags)
     assert result.returncode != 0
-    assert "accelerate sees 1" in result.stderr and "--ddp_backend gloo" in result.stderr
+    assert message in result.stderr and advice in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoint-1").exists()

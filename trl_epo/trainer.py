@@ -290,6 +290,18 @@ class EPOTrainer(GRPOTrainer):
         super().create_accelerator_and_postprocess()
         check_process_group(self.accelerator)
 
+    def end(self):
+        """Finish the trackers and destroy the process group (call it last, as `Trainer.end`). The distributed model
+        wrapper (DDP / DeepSpeed engine) is released first, while its process group still exists: destroyed after the
+        group (when the trainer is garbage-collected at exit), a DDP model over gloo can hang the process."""
+        import gc
+
+        self.model_wrapped = self.model
+        self.accelerator.free_memory()
+        gc.collect()
+        parent_end = getattr(super(), "end", None)  # Trainer.end exists from transformers 5.18
+        return parent_end() if parent_end is not None else self.accelerator.end_training()
+
     # ----------------------------------------------------------------------------------------------------------------
     # Hub: model card and saving (the logic lives in trl_epo.hub)
     # ----------------------------------------------------------------------------------------------------------------
@@ -347,19 +359,30 @@ class EPOTrainer(GRPOTrainer):
 
 
 def check_process_group(accelerator) -> None:
-    """Fail fast when torch.distributed runs several processes but accelerate sees only this one.
+    """Fail fast when the processes would not train together.
 
-    The processes would then train separate models, never reduce their statistics, and end with different EPO entropy
-    references. It happens with DeepSpeed on a machine without GPUs, where accelerate finds no communication backend.
+    Two broken setups look like a normal run but train each process alone (no gradient synchronisation, no reduction
+    of the EPO statistics, so each process ends with its own entropy reference). Both happen on machines without GPUs:
+    DeepSpeed without a named backend (torch.distributed has N processes, accelerate sees one), and a multi-GPU
+    config with a named backend but without `use_cpu` (accelerate sees N processes but no distributed mode).
     """
     import torch.distributed as dist
+    from accelerate.utils import DistributedType
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    if world != accelerator.num_processes:
         raise RuntimeError(
-            f"torch.distributed runs {dist.get_world_size()} processes but accelerate sees "
-            f"{accelerator.num_processes}: each process would train alone and the EPO entropy reference would differ "
-            "between processes. Without GPUs (e.g. DeepSpeed on CPU) set the backend explicitly: `--ddp_backend gloo` "
-            "(TrainingArguments.ddp_backend='gloo')."
+            f"torch.distributed runs {world} processes but accelerate sees {accelerator.num_processes}: each process "
+            "would train alone and the EPO entropy reference would differ between processes. Without GPUs (e.g. "
+            "DeepSpeed on CPU) set the backend explicitly: `--ddp_backend gloo` (TrainingArguments.ddp_backend='gloo')."
+        )
+    if world > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(
+            f"{world} processes are running but accelerate found no distributed mode (no GPU for the multi-GPU "
+            "config): gradients and EPO statistics would not be synchronised. Without GPUs train data-parallel on the "
+            "CPU with `--use_cpu` (gloo), or use a DeepSpeed config with `--ddp_backend gloo`."
         )
 
 def write_json_atomic(path: str, payload: dict) -> None:
