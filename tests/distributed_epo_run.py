@@ -1,15 +1,16 @@
 """A multi-process EPO run for tests/test_distributed.py, launched with `accelerate launch` (DeepSpeed ZeRO-2/3, gloo).
 
     accelerate launch --config_file examples/accelerate/zero3.yaml --num_processes 2 --mixed_precision no \
-        tests/distributed_epo_run.py --report_dir DIR [--export_dir DIR] <examples/train_toy.py flags, incl. --ddp_backend gloo>
+        tests/distributed_epo_run.py --report_dir DIR [--export_dir DIR] [--uneven_turns] \
+        <examples/train_toy.py flags, incl. --ddp_backend gloo>
 
 It trains with `examples/train_toy.py`'s trainer (save_steps=1), then resumes a fresh trainer from checkpoint-1 to the
 same max_steps, and writes `DIR/rank<r>.json` per process with: the EPO reference state after training and after the
 resume, this process's *local* (pre-reduction) entropy sums per optimizer step, the logged losses, and per rollout the
 number of generate calls (turns), of `unwrap_model_for_generation` entries and of ZeRO-3 parameter gathers (counted by
 wrapping the real functions, which still run). With `--export_dir` (a PEFT run) it also saves the adapter alone and the
-merged model there. With `--uneven_turns` (and `--env_max_turns 3 --max_completion_length 200`), process 0's episodes end
-after 2 turns (a smaller token budget) and process 1's after 3.
+merged model there. With `--uneven_turns` (and `--env_max_turns 3 --max_completion_length 200`), process 0's episodes
+end after 2 turns (a smaller token budget) and process 1's after 3.
 """
 
 import json

@@ -83,7 +83,8 @@ def launch(config: str, output_dir, extra_flags=(), export_dir=None) -> dict[int
     start = time.perf_counter()
     result = run_launch(config, output_dir, [*COMMON_FLAGS, *extra_flags], export_dir)
     elapsed = time.perf_counter() - start
-    assert result.returncode == 0, f"launch failed after {elapsed:.0f}s:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    output = f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    assert result.returncode == 0, f"launch failed after {elapsed:.0f}s:\n{output}"
     reports = {}
     for rank in (0, 1):
         with open(os.path.join(report_dir, f"rank{rank}.json")) as f:

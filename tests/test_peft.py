@@ -141,8 +141,12 @@ def test_qlora_4bit_trains_only_the_adapter_and_the_saved_adapter_reloads(tmp_pa
     adapter_dir = tmp_path / "adapter"
     trainer.save_adapter(str(adapter_dir))
     check_saved_adapter(adapter_dir)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base4 = AutoModelForCausalLM.from_pretrained(base_dir(trainer), quantization_config=quantization, dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base4 = AutoModelForCausalLM.from_pretrained(
+        base_dir(trainer), quantization_config=quantization, dtype=torch.float32
+    )
     reloaded = PeftModel.from_pretrained(base4, adapter_dir)
     for name, param in reloaded.named_parameters():  # TRL trains QLoRA adapters in bf16 (the file holds bf16)
         if ".lora_" in name:

@@ -1,7 +1,7 @@
 """Model cards, evaluation results and saving helpers for EPO runs (used by `EPOTrainer`).
 
-* **Model card.** `EPOTrainer.create_model_card` (called by TRL at every checkpoint and by `push_to_hub`) first lets TRL
-  write its own card (base model, trainer name, paper link, citations, framework versions), then adds an
+* **Model card.** `EPOTrainer.create_model_card` (called by TRL at every checkpoint and by `push_to_hub`) first lets
+  TRL write its own card (base model, trainer name, paper link, citations, framework versions), then adds an
   "EPO training" section built here: the environment and split (from the train dataset's task columns), the `epo_*`
   and `env_*` settings, the base RL settings, the adapter/quantization, the final entropy reference and, when one
   exists, the evaluation table. The tags trl, epo and reinforcement-learning come from the trainer.
@@ -302,11 +302,14 @@ EPO_SYMBOLS = {
 }
 
 
-def epo_card_section(summary: Mapping[str, Any], eval_results: Sequence[EvalResult] = (), contents: str | None = None) -> str:
+def epo_card_section(
+    summary: Mapping[str, Any], eval_results: Sequence[EvalResult] = (), contents: str | None = None
+) -> str:
     """The markdown of the card's "EPO training" section."""
     out = [CARD_SECTION_TITLE, ""]
     out.append(
-        f"This model was trained with **EPO** (Entropy-regularized Policy Optimization, [arXiv 2509.22576]({PAPER_URL})) "
+        "This model was trained with **EPO** (Entropy-regularized Policy Optimization, "
+        f"[arXiv 2509.22576]({PAPER_URL})) "
         "as a multi-turn text agent, with `trl_epo` on top of TRL's `GRPOTrainer`: the GRPO loss plus a "
         "trajectory-level entropy bonus and an entropy-smoothing corridor around a historical entropy reference, "
         "weighted by a phase schedule (`L = L_GRPO − λ·L_H + λ·β_k·L_smooth`)."
@@ -325,7 +328,8 @@ def epo_card_section(summary: Mapping[str, Any], eval_results: Sequence[EvalResu
         if base:
             text += f"; base model `{base}`"
         out += [text + ".", ""]
-    out += [f"**Run:** {summary['global_step']} optimizer steps (of {summary['max_steps']}), {summary['distributed']}.", ""]
+    steps, total = summary["global_step"], summary["max_steps"]
+    out += [f"**Run:** {steps} optimizer steps (of {total}), {summary['distributed']}.", ""]
 
     out += ["### Environment", ""]
     tasks = summary.get("tasks")
@@ -412,7 +416,10 @@ def add_epo_section(card, summary: Mapping[str, Any], eval_results: Sequence[Eva
     position = body.find("### Framework versions")
     if position < 0:
         position = body.find("## Citations")
-    card.text = body.rstrip("\n") + "\n\n" + section if position < 0 else body[:position] + section + "\n" + body[position:]
+    if position < 0:
+        card.text = body.rstrip("\n") + "\n\n" + section
+    else:
+        card.text = body[:position] + section + "\n" + body[position:]
     data = card.data
     data.tags = sorted(set(data.tags or []) | set(tags))
     if eval_results:
@@ -426,12 +433,13 @@ def add_epo_section(card, summary: Mapping[str, Any], eval_results: Sequence[Eva
 # ------------------------------------------------------------------------------------------------------------------
 
 
+ADAPTER_CONTENTS = "the PEFT adapter alone (load it on the base model)."
 QUANTIZED_MERGE_ERROR = (
-    "The policy's base model is quantized ({quantization}): merging the adapter into it would round the merged weights "
-    "back to the quantized format and lose the adapter's update, so trl_epo never merges into a quantized base. "
-    "Save the adapter instead (`trainer.save_adapter(dir)`) and either serve it on the quantized base, or merge it into "
-    "a full-precision copy of the base model with `trl_epo.hub.merge_adapter_checkpoint(adapter_dir, output_dir, "
-    "dtype='bfloat16')` (note that the adapter was trained against the quantized weights)."
+    "The policy's base model is quantized ({quantization}): merging the adapter into it would round the merged "
+    "weights back to the quantized format and lose the adapter's update, so trl_epo never merges into a quantized "
+    "base. Save the adapter instead (`trainer.save_adapter(dir)`) and either serve it on the quantized base, or merge "
+    "it into a full-precision copy of the base model with `trl_epo.hub.merge_adapter_checkpoint(adapter_dir, "
+    "output_dir, dtype='bfloat16')` (note that the adapter was trained against the quantized weights)."
 )
 
 
@@ -453,7 +461,7 @@ def save_adapter(trainer, output_dir: str | None = None) -> str:
     _require_peft(trainer.accelerator.unwrap_model(trainer.model), "save_adapter")
     trainer.save_model(output_dir)  # transformers saves only the adapter of a PeftModel (gathered under ZeRO-3)
     if trainer.args.should_save:
-        trainer.create_model_card(output_dir=output_dir, contents="the PEFT adapter alone (load it on the base model).")
+        trainer.create_model_card(output_dir=output_dir, contents=ADAPTER_CONTENTS)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
@@ -564,7 +572,7 @@ def merge_adapter_checkpoint(adapter_dir: str, output_dir: str, base_model: str 
             text = f.read()
         with open(os.path.join(output_dir, "README.md"), "w") as f:
             f.write(text.replace(
-                "**Contents of this folder:** the PEFT adapter alone (load it on the base model).",
+                f"**Contents of this folder:** {ADAPTER_CONTENTS}",
                 f"**Contents of this folder:** the adapter merged into a {dtype} copy of the base model.",
             ))
     return output_dir

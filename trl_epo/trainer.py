@@ -341,7 +341,8 @@ class EPOTrainer(GRPOTrainer):
         hub.add_epo_section(trl_card, summary, results, tags=self._tag_names).save(readme)
         if output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
             os.makedirs(output_dir, exist_ok=True)
-            card = hub.add_epo_section(ModelCard.load(readme), summary, results, contents=contents, tags=self._tag_names)
+            card = ModelCard.load(readme)
+            hub.add_epo_section(card, summary, results, contents=contents, tags=self._tag_names)
             card.save(os.path.join(output_dir, "README.md"))
 
     def save_adapter(self, output_dir: str | None = None) -> str:
@@ -376,7 +377,7 @@ def check_process_group(accelerator) -> None:
         raise RuntimeError(
             f"torch.distributed runs {world} processes but accelerate sees {accelerator.num_processes}: each process "
             "would train alone and the EPO entropy reference would differ between processes. Without GPUs (e.g. "
-            "DeepSpeed on CPU) set the backend explicitly: `--ddp_backend gloo` (TrainingArguments.ddp_backend='gloo')."
+            "DeepSpeed on CPU) set the backend explicitly: `--ddp_backend gloo` (TrainingArguments.ddp_backend)."
         )
     if world > 1 and accelerator.distributed_type == DistributedType.NO:
         raise RuntimeError(
