@@ -174,7 +174,7 @@ class EPOConfig(GRPOConfig):
     )
     env_log_episodes: bool = field(
         default=True,
-        metadata={"help": "Write every episode's transcript to <output_dir>/rollouts/*.jsonl."},
+        metadata={"help": "Write every episode's transcript to <output_dir>/_rollouts/*.jsonl (kept out of push_to_hub uploads)."},
     )
 
     def __post_init__(self):
