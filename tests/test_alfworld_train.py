@@ -68,7 +68,7 @@ def test_epo_trains_two_steps_on_alfworld_games(generated_root, tmp_path):
         for key in ("epo/entropy", "epo/beta", "rollout/success_rate", "rollout/mean_turns", "rewards/env_reward/mean"):
             assert key in log, key
     assert logs[1]["epo/beta"] < logs[0]["epo/beta"] and "epo/reference" in logs[1]
-    records = [json.loads(line) for path in glob.glob(os.path.join(out, "rollouts", "*.jsonl")) for line in open(path)]
+    records = [json.loads(line) for path in glob.glob(os.path.join(out, "_rollouts", "*.jsonl")) for line in open(path)]
     assert len(records) == 2 * 4
     first_user = next(m["content"] for m in records[0]["messages"] if m["role"] == "user")
     assert first_user.startswith("Task: ") and "Available actions: " in first_user and "go to " in first_user

@@ -224,7 +224,7 @@ def test_epo_trainer_trains_two_steps_on_the_toy_env(tokenizer, make_model, tmp_
     tasks = [e.task for e in trainer.rollout_func.last_episodes]
     assert all(tasks[i] == tasks[i + 1] for i in range(0, len(tasks), 2))
     # Every episode was written to disk.
-    records = [json.loads(line) for path in glob.glob(os.path.join(tmp_path, "rollouts", "*.jsonl"))
+    records = [json.loads(line) for path in glob.glob(os.path.join(tmp_path, "_rollouts", "*.jsonl"))
                for line in open(path)]
     assert len(records) == 2 * 4 and all("messages" in r and "reward" in r for r in records)
     assert trainer.rollout_func.pool is None  # the env workers were stopped when training ended

@@ -174,7 +174,9 @@ class EPOConfig(GRPOConfig):
     )
     env_log_episodes: bool = field(
         default=True,
-        metadata={"help": "Write every episode's transcript to <output_dir>/rollouts/*.jsonl."},
+        metadata={
+            "help": "Write every episode's transcript to <output_dir>/_rollouts/*.jsonl (not uploaded by push_to_hub)."
+        },
     )
 
     def __post_init__(self):

@@ -34,6 +34,7 @@ from .envs.pool import EnvPool, EnvFactory
 
 
 REWARD_MODES = ("success", "score", "won10")
+ROLLOUT_LOG_DIR = "_rollouts"  # "_" folders stay out of push_to_hub uploads (transcripts can be large)
 ENV_ERROR_MODES = ("zero", "exclude")
 
 
@@ -100,7 +101,7 @@ class RolloutConfig:
         style = PromptStyle(show_admissible_actions=args.env_show_admissible_actions)
         if args.env_instruction:
             style = PromptStyle(instruction=args.env_instruction, show_admissible_actions=args.env_show_admissible_actions)
-        log_dir = os.path.join(args.output_dir, "rollouts") if args.env_log_episodes else None
+        log_dir = os.path.join(args.output_dir, ROLLOUT_LOG_DIR) if args.env_log_episodes else None
         return cls(
             max_turns=args.env_max_turns,
             max_turn_tokens=args.env_max_turn_tokens,

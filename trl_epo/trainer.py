@@ -342,6 +342,109 @@ class EPOTrainer(GRPOTrainer):
                 "by EPOTrainer, or start a new run."
             )
 
+    # ----------------------------------------------------------------------------------------------------------------
+    # Distributed setup check
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        check_process_group(self.accelerator)
+
+    def end(self):
+        """Finish the trackers and destroy the process group (call it last, as `Trainer.end`). The distributed model
+        wrapper (DDP / DeepSpeed engine) is released first, while its process group still exists: destroyed after the
+        group (when the trainer is garbage-collected at exit), a DDP model over gloo can hang the process."""
+        import gc
+
+        self.model_wrapped = self.model
+        self.accelerator.free_memory()
+        gc.collect()
+        parent_end = getattr(super(), "end", None)  # Trainer.end exists from transformers 5.18
+        return parent_end() if parent_end is not None else self.accelerator.end_training()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Hub: model card and saving (the logic lives in trl_epo.hub)
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        eval_results=None,
+        output_dir: str | None = None,
+        contents: str | None = None,
+    ):
+        """TRL's model card (README.md in `args.output_dir`) plus an "EPO training" section: environment and split,
+        `epo_*`/`env_*` settings, adapter, final entropy reference and, when present, the evaluation table and
+        `model-index` (from `eval_results`, or `<output_dir>/eval_results.json` written by
+        `trl_epo.hub.save_eval_results`). With `output_dir`, the card is (also) written there, noting `contents`."""
+        if model_name is None:  # as TRL names it at checkpoints and in push_to_hub
+            hub_id = self.args.hub_model_id
+            model_name = hub_id.split("/")[-1] if hub_id else os.path.basename(os.path.abspath(self.args.output_dir))
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        from huggingface_hub import ModelCard
+
+        from . import hub
+
+        readme = os.path.join(self.args.output_dir, "README.md")
+        trl_card = ModelCard.load(readme)
+        if eval_results is None:
+            results = hub.load_eval_results(self.args.output_dir)
+        elif isinstance(eval_results, str):
+            results = hub.load_eval_results(eval_results)
+        else:
+            results = [r if isinstance(r, hub.EvalResult) else hub.EvalResult.from_dict(r) for r in eval_results]
+        summary = hub.training_summary(self)
+        hub.add_epo_section(trl_card, summary, results, tags=self._tag_names).save(readme)
+        if output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+            os.makedirs(output_dir, exist_ok=True)
+            card = ModelCard.load(readme)
+            hub.add_epo_section(card, summary, results, contents=contents, tags=self._tag_names)
+            card.save(os.path.join(output_dir, "README.md"))
+
+    def save_adapter(self, output_dir: str | None = None) -> str:
+        """Save the PEFT adapter alone (+ tokenizer and model card). Call it on every process."""
+        from .hub import save_adapter
+
+        return save_adapter(self, output_dir)
+
+    def save_merged_model(self, output_dir: str, safe_serialization: bool = True) -> str:
+        """Save the base model with the adapter merged in (+ tokenizer and card); refuses a 4-bit/8-bit base.
+        Call it on every process."""
+        from .hub import save_merged_model
+
+        return save_merged_model(self, output_dir, safe_serialization=safe_serialization)
+
+
+def check_process_group(accelerator) -> None:
+    """Fail fast when the processes would not train together.
+
+    Two broken setups look like a normal run but train each process alone (no gradient synchronisation, no reduction
+    of the EPO statistics, so each process ends with its own entropy reference). Both happen on machines without GPUs:
+    DeepSpeed without a named backend (torch.distributed has N processes, accelerate sees one), and a multi-GPU
+    config with a named backend but without `use_cpu` (accelerate sees N processes but no distributed mode).
+    """
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    if world != accelerator.num_processes:
+        raise RuntimeError(
+            f"torch.distributed runs {world} processes but accelerate sees {accelerator.num_processes}: each process "
+            "would train alone and the EPO entropy reference would differ between processes. Without GPUs (e.g. "
+            "DeepSpeed on CPU) set the backend explicitly: `--ddp_backend gloo` (TrainingArguments.ddp_backend)."
+        )
+    if world > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(
+            f"{world} processes are running but accelerate found no distributed mode (no GPU for the multi-GPU "
+            "config): gradients and EPO statistics would not be synchronised. Without GPUs train data-parallel on the "
+            "CPU with `--use_cpu` (gloo), or use a DeepSpeed config with `--ddp_backend gloo`."
+        )
 
 def block_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker: list[int]) -> torch.Tensor:
     """Position ids that restart at 0 at the first real token of each row and at every occurrence of `marker` (the

@@ -1,0 +1,235 @@
+"""Real multi-process EPO runs: `accelerate launch --num_processes 2` with the shipped DDP and DeepSpeed ZeRO-2 /
+ZeRO-3 / ZeRO-3-offload configs (gloo, CPU), the toy multi-turn env and a tiny model, through `examples/train_toy.py`'s
+trainer. DDP runs on the CPU through `multi_gpu.yaml` with `--use_cpu` (gloo).
+
+Each launch (tests/distributed_epo_run.py) trains 2 optimizer steps with a checkpoint per step, then resumes a fresh
+trainer from checkpoint-1; every process writes a report. Checked here: both steps finish with finite losses; the EPO
+reference is identical on both processes although their local entropies differ, and equals the global token mean; under
+ZeRO-3 the full weights are gathered exactly once per rollout while the rollout makes one generate call per turn, and
+processes whose episodes end earlier stay in step; the checkpoints carry the reference and the resumed run reproduces
+it; the saved model is whole (ZeRO-3 gathers it). The LoRA run also exports the adapter alone and the merged model from
+ZeRO-3 shards. Launches that would make each process train alone fail at construction with advice.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 420
+
+COMMON_FLAGS = [
+    "--model_name_or_path", "tiny",
+    "--bf16", "false",
+    "--ddp_backend", "gloo",  # no GPU: accelerate needs the backend named for DeepSpeed on CPU
+    "--max_steps", "2",
+    "--per_device_train_batch_size", "4",
+    "--num_generations", "2",
+    "--max_completion_length", "96",
+    "--env_max_turns", "3",
+    "--env_max_turn_tokens", "8",
+    "--env_pool_backend", "thread",
+    "--num_tasks", "8",
+    "--learning_rate", "1e-2",
+    "--logging_steps", "1",
+    "--save_strategy", "steps",
+    "--save_steps", "1",
+    "--report_to", "none",
+    "--disable_tqdm", "true",
+    "--seed", "0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_launch(config: str, output_dir, flags, export_dir=None) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", os.path.join(REPO, "examples", "accelerate", config),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        os.path.join(REPO, "tests", "distributed_epo_run.py"),
+        "--report_dir", os.path.join(output_dir, "reports"), "--output_dir", str(output_dir), *flags,
+    ]
+    if export_dir is not None:
+        command += ["--export_dir", str(export_dir)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # A session of its own, so that a hung launch is stopped with all its worker processes.
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"launch timed out after {TIMEOUT_S}s:\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def launch(config: str, output_dir, extra_flags=(), export_dir=None) -> dict[int, dict]:
+    report_dir = os.path.join(output_dir, "reports")
+    start = time.perf_counter()
+    result = run_launch(config, output_dir, [*COMMON_FLAGS, *extra_flags], export_dir)
+    elapsed = time.perf_counter() - start
+    output = f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    assert result.returncode == 0, f"launch failed after {elapsed:.0f}s:\n{output}"
+    reports = {}
+    for rank in (0, 1):
+        with open(os.path.join(report_dir, f"rank{rank}.json")) as f:
+            reports[rank] = json.load(f)
+    return reports
+
+
+def check_run(reports, output_dir, zero_stage, gathered, uneven=False):
+    r0, r1 = reports[0], reports[1]
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["zero_stage"] == r1["zero_stage"] == zero_stage
+
+    # 2 optimizer steps, finite losses, identical logs on both processes (metrics are reduced).
+    for report in (r0, r1):
+        trained = report["trained"]
+        assert trained["global_step"] == 2
+        assert len(trained["losses"]) == 2 and all(math.isfinite(x) for x in trained["losses"])
+    assert r0["trained"]["losses"] == r1["trained"]["losses"]
+
+    # The EPO reference: identical on both processes, two updates, each the *global* token-mean entropy of its step,
+    # although each process saw different episodes (its local sums differ).
+    reference = r0["trained"]["reference"]
+    assert reference == r1["trained"]["reference"]
+    assert reference["num_updates"] == 2 and all(math.isfinite(h) for h in reference["history"])
+    local0, local1 = r0["trained"]["local_steps"], r1["trained"]["local_steps"]
+    assert len(local0) == len(local1) == 2
+    assert any(a["sum"] / a["count"] != b["sum"] / b["count"] for a, b in zip(local0, local1))
+    for step, (a, b) in enumerate(zip(local0, local1)):
+        assert reference["history"][step] == pytest.approx((a["sum"] + b["sum"]) / (a["count"] + b["count"]), rel=1e-6)
+
+    # Generation: one unwrap (and, when gathering under ZeRO-3, one gather of all weights) per rollout, several turns
+    # per rollout; the processes make the same number of generate calls (lockstep), even when one of them runs out of
+    # live episodes earlier (uneven: process 0's episodes end after 2 turns, process 1's after 3).
+    for report in (r0, r1):
+        rollouts = report["trained"]["rollouts"]
+        assert len(rollouts) == 2
+        for rollout in rollouts:
+            assert rollout["unwraps"] == 1
+            assert rollout["generate_calls"] >= 2 and rollout["max_turns"] >= 2
+            assert rollout["gathers"] == ([report["num_model_params"]] if gathered else [])
+            if uneven:
+                assert rollout["max_turns"] == rollout["generate_calls"] == 2 + report["rank"]
+    calls = [[r["all_generate_calls"] for r in report["trained"]["rollouts"]] for report in (r0, r1)]
+    assert calls[0] == calls[1]
+    if uneven:
+        assert calls[0] == [3, 3]  # process 0 made one empty call per rollout to follow process 1
+
+    # Checkpoints carry the reference; the resumed run restores it and reproduces the uninterrupted one.
+    for step in (1, 2):
+        state = json.loads((output_dir / f"checkpoint-{step}" / "epo_state.json").read_text())
+        assert state["reference"]["num_updates"] == step
+        assert state["reference"]["history"] == reference["history"][:step]
+    for report in (r0, r1):
+        resumed = report["resumed"]
+        assert resumed["global_step"] == 2 and len(resumed["rollouts"]) == 1  # only step 2 was trained again
+        assert resumed["reference"]["num_updates"] == 2
+        assert resumed["reference"]["history"][0] == reference["history"][0]
+        assert resumed["reference"]["history"][1] == pytest.approx(reference["history"][1], rel=1e-5)
+        assert resumed["losses"][-1] == pytest.approx(r0["trained"]["losses"][-1], rel=1e-4, abs=1e-7)
+    assert r0["resumed"]["reference"] == r1["resumed"]["reference"]
+
+
+def tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+UNEVEN = ["--uneven_turns", "--max_completion_length", "200"]  # room for 3 turns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, zero_stage, extra, gathered, uneven",
+    [
+        ("multi_gpu.yaml", 0, ["--use_cpu", "true"], False, False),  # DDP; on CPU: gloo
+        ("zero2.yaml", 2, [], False, False),
+        ("zero3.yaml", 3, ["--ds3_gather_for_generation", "false", *UNEVEN], False, True),
+        ("zero3_offload.yaml", 3, ["--gradient_checkpointing", "true"], True, False),
+    ],
+    ids=["ddp-cpu", "zero2", "zero3-sharded-generation-uneven-turns", "zero3-offload-gradient-checkpointing"],
+)
+def test_deepspeed_two_processes_full_finetuning(tmp_path, config, zero_stage, extra, gathered, uneven):
+    output_dir = tmp_path / "run"
+    reports = launch(config, output_dir, extra)
+    check_run(reports, output_dir, zero_stage, gathered=gathered, uneven=uneven)
+    # The final model was saved whole (ZeRO-3 gathers the 16-bit weights) and training changed it.
+    base = tensors(output_dir / "_tiny_base" / "model.safetensors")
+    final = tensors(output_dir / "model.safetensors")
+    assert set(base) <= set(final) <= set(base) | {"lm_head.weight"}  # ZeRO-2 also writes the tied head
+    assert all(final[k].shape == base[k].shape for k in base)
+    if "lm_head.weight" in final:  # the tie held during training
+        assert torch.equal(final["lm_head.weight"], final["model.embed_tokens.weight"])
+    assert any(not torch.equal(final[k], base[k]) for k in base)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_lora_exports_adapter_and_merged_model(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    output_dir, export_dir = tmp_path / "run", tmp_path / "export"
+    flags = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "all-linear",
+             "--beta", "0.04",  # beta > 0: the KL reference is the policy with its adapter disabled
+             *UNEVEN]
+    reports = launch("zero3.yaml", output_dir, flags, export_dir=export_dir)
+    check_run(reports, output_dir, zero_stage=3, gathered=True, uneven=True)
+    for report in reports.values():
+        assert all(math.isfinite(x) for x in report["trained"]["losses"])
+
+    # The adapter alone: only LoRA weights, whole (gathered), changed by training.
+    adapter = tensors(export_dir / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter)
+    assert all(t.numel() > 0 for t in adapter.values())
+    assert any("lora_B" in key and t.abs().sum() > 0 for key, t in adapter.items())  # B starts at zero
+    assert (export_dir / "adapter" / "README.md").exists()
+
+    # The merged model equals PEFT's own merge of that adapter into the base model.
+    base = AutoModelForCausalLM.from_pretrained(output_dir / "_tiny_base", dtype=torch.float32)
+    expected = PeftModel.from_pretrained(base, export_dir / "adapter").merge_and_unload().state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(export_dir / "merged", dtype=torch.float32).state_dict()
+    assert set(merged) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    card = (export_dir / "merged" / "README.md").read_text()
+    assert "merged" in card and "DeepSpeed ZeRO-3 over 2 process(es)" in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, drop_backend, message, advice",
+    [
+        ("zero2.yaml", True, "accelerate sees 1", "--ddp_backend gloo"),
+        ("multi_gpu.yaml", False, "no distributed mode", "--use_cpu"),
+    ],
+    ids=["deepspeed-without-backend", "multi-gpu-config-without-gpus"],
+)
+def test_processes_that_would_train_alone_fail_clearly(tmp_path, config, drop_backend, message, advice):
+    # Without GPUs, these launches start 2 processes that accelerate does not connect: each would train alone (and end
+    # with its own EPO reference). EPOTrainer stops at construction and says what to do.
+    flags = list(COMMON_FLAGS)
+    if drop_backend:
+        i = flags.index("--ddp_backend")
+        del flags[i : i + 2]
+    result = run_launch(config, tmp_path / "run", flags)
+    assert result.returncode != 0
+    assert message in result.stderr and advice in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
