@@ -11,7 +11,8 @@ steps and a success evaluation; about 10 minutes on 2 cores):
 
 Any `EPOConfig` / `ModelConfig` field can be given as a flag (``--epo_entropy_coef 0`` is plain GRPO), as can the
 `SciWorldTrainArguments` below. The run writes the model, `trainer_state.json`, `epo_run.json`, every episode's
-transcript (`rollouts/*.jsonl`) and, with ``--num_eval_tasks``, `eval_<split>.json` to ``--output_dir``.
+transcript (`_rollouts/*.jsonl`) and, with ``--num_eval_tasks``, `eval_<split>.json` and `eval_results.json` (for the
+model card) to ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from accelerate import PartialState
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from trl_epo import EPOConfig, EPOTrainer
+from trl_epo.hub import EvalResult, save_eval_results, wilson_interval
 from trl_epo.envs import TaskSpec
 from trl_epo.envs.sciworld import (
     SCIWORLD_INSTRUCTION,
@@ -77,7 +78,9 @@ class SciWorldTrainArguments:
     eval_temperature: float = field(default=0.4, metadata={"help": "Sampling temperature of the evaluation (paper 0.4)."})
     # offline tiny model
     tiny_model: bool = field(
-        default=False, metadata={"help": "Build a tiny tokenizer (trained on ScienceWorld text) and model locally."}
+        default=False,
+        metadata={"help": "Build a tiny tokenizer (trained on ScienceWorld text) and model locally (same as "
+                  "--model_name_or_path tiny)."},
     )
     tiny_hidden_size: int = field(default=128, metadata={"help": "Tiny model width."})
     tiny_num_layers: int = field(default=2, metadata={"help": "Tiny model depth."})
@@ -144,15 +147,6 @@ def warm_start(model, tokenizer, expert, script_args: SciWorldTrainArguments, tr
     return trainer.accelerator.unwrap_model(trainer.model)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 0.0)
-    p = successes / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
 def evaluate(trainer: EPOTrainer, tasks, temperature: float, split: str) -> dict:
     """Play each task once with the trained policy; report strict and paper-rule success with 95% intervals."""
     accelerator = trainer.accelerator
@@ -168,8 +162,8 @@ def evaluate(trainer: EPOTrainer, tasks, temperature: float, split: str) -> dict
     finally:
         trainer.generation_config.temperature = saved
         rollout.close()
-    rows = [{"task": e.task.task, "variation": e.task.variation, "won": bool(e.won),
-             "won_paper": bool(e.info.get("won_paper", e.won)), "score": e.score, "turns": e.turns,
+    rows = [{"task": e.task.task, "variation": e.task.variation, "won": bool(e.won), "turns": e.turns,
+             "won_paper": bool(e.info.get("won_paper", e.won)), "score": e.score,
              "invalid_turns": e.invalid_turns, "env_error": e.env_error} for e in episodes]
     rows = accelerator.gather_object(rows) if world > 1 else rows
     n = len(rows)
@@ -183,6 +177,7 @@ def evaluate(trainer: EPOTrainer, tasks, temperature: float, split: str) -> dict
         "success_rate_paper_rule": won_paper / max(1, n),
         "success_rate_paper_rule_ci95": wilson_interval(won_paper, n),
         "mean_score": sum(r["score"] for r in rows) / max(1, n),
+        "mean_turns": sum(r["turns"] for r in rows) / max(1, n),
         "env_errors": sum(r["env_error"] is not None for r in rows),
         "episodes_detail": rows,
     }
@@ -193,6 +188,8 @@ def main():
     script_args, training_args, model_args = parser.parse_args_and_config()
     check_java()
     log = PartialState().print  # main process only
+    if model_args.model_name_or_path == "tiny":  # the convention of the other example scripts
+        script_args.tiny_model = True
 
     env_kwargs = env_kwargs_of(script_args, training_args)
     style = sciworld_prompt_style(
@@ -293,6 +290,15 @@ def main():
             name = "eval_train_tasks.json" if script_args.eval_on_train_tasks else f"eval_{script_args.eval_split}.json"
             with open(os.path.join(training_args.output_dir, name), "w") as f:
                 json.dump(result, f, indent=2)
+            # for the model card (trainer.create_model_card / push_to_hub)
+            save_eval_results(EvalResult.from_outcomes(
+                "sciworld", "train (training tasks)" if script_args.eval_on_train_tasks else script_args.eval_split,
+                [r["won"] for r in result["episodes_detail"]], seeds=[training_args.seed],
+                temperature=script_args.eval_temperature, mean_turns=result["mean_turns"],
+                model=training_args.output_dir,
+                extra={"success_rate_paper_rule": result["success_rate_paper_rule"], "mean_score": result["mean_score"]},
+            ), training_args.output_dir)
+    trainer.end()  # finish the trackers and destroy the process group (last)
 
 
 if __name__ == "__main__":
