@@ -255,10 +255,10 @@ def main():
         train_dataset=dataset,
         processing_class=tokenizer,
         env_factory=functools.partial(ScienceWorldEnv, **env_kwargs),
+        # ScienceWorld's prompt style (its instruction, room for long room descriptions) instead of the generic one.
+        rollout_config=dataclasses.replace(RolloutConfig.from_args(training_args), prompt_style=style),
         peft_config=get_peft_config(model_args),
     )
-    # ScienceWorld's prompt style (its instruction, room for long room descriptions) instead of the generic one.
-    trainer.rollout_func.config = dataclasses.replace(RolloutConfig.from_args(training_args), prompt_style=style)
     trainer.train()
 
     history = [h for h in trainer.state.log_history if "rollout/success_rate" in h]

@@ -153,6 +153,10 @@ class EPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "List the env's admissible actions in each observation, when the env gives them."},
     )
+    env_max_observation_chars: int = field(
+        default=4000,
+        metadata={"help": "Observations longer than this many characters are cut (with a note) in prompts."},
+    )
     env_pool_backend: str = field(
         default="process",
         metadata={
@@ -164,8 +168,10 @@ class EPOConfig(GRPOConfig):
     env_pool_size: int | None = field(
         default=None,
         metadata={
-            "help": "Envs (episodes) played at the same time per process; default: the whole generation batch. "
-            "Smaller values play the batch in waves."
+            "help": "Envs (episodes) played at the same time per process; default: the whole local generation "
+            "batch (generation_batch_size / num_processes), each env in its own worker process. Smaller values play "
+            "the batch in waves (less memory: a ScienceWorld env holds a ~0.45 GB JVM; fewer sequences per generate "
+            "call)."
         },
     )
     env_step_timeout: float = field(
@@ -206,6 +212,7 @@ class EPOConfig(GRPOConfig):
         )
         need(self.env_pool_size is None or self.env_pool_size >= 1, "env_pool_size", "it must be >= 1 or None")
         need(self.env_step_timeout > 0, "env_step_timeout", "it must be > 0 seconds")
+        need(self.env_max_observation_chars >= 1, "env_max_observation_chars", "it must be >= 1")
 
     def _validate_epo(self) -> None:
         def need(condition: bool, name: str, allowed: str) -> None:

@@ -98,9 +98,13 @@ class RolloutConfig:
     @classmethod
     def from_args(cls, args) -> RolloutConfig:
         """Build from an `EPOConfig` (its `env_*` fields)."""
-        style = PromptStyle(show_admissible_actions=args.env_show_admissible_actions)
+        style_kwargs = {
+            "show_admissible_actions": args.env_show_admissible_actions,
+            "max_observation_chars": args.env_max_observation_chars,
+        }
         if args.env_instruction:
-            style = PromptStyle(instruction=args.env_instruction, show_admissible_actions=args.env_show_admissible_actions)
+            style_kwargs["instruction"] = args.env_instruction
+        style = PromptStyle(**style_kwargs)
         log_dir = os.path.join(args.output_dir, ROLLOUT_LOG_DIR) if args.env_log_episodes else None
         return cls(
             max_turns=args.env_max_turns,

@@ -62,7 +62,9 @@ class EPOTrainer(GRPOTrainer):
     rewards each episode with the rollout's env reward. (TRL's own `environment_factory` is a different, tool-calling
     API and is left untouched.)
 
-    Args: those of [`~trl.GRPOTrainer`] (`args` must be an [`EPOConfig`]) plus `env_factory`.
+    Args: those of [`~trl.GRPOTrainer`] (`args` must be an [`EPOConfig`]) plus `env_factory` and, optionally,
+    `rollout_config` (a `trl_epo.rollout.RolloutConfig`, e.g. with an env-specific `PromptStyle`; default: built from
+    the `env_*` fields of `args`).
     """
 
     _tag_names = ["trl", "grpo", "epo", "reinforcement-learning"]
@@ -80,13 +82,18 @@ class EPOTrainer(GRPOTrainer):
         ),
     }
 
-    def __init__(self, model, reward_funcs=None, args: EPOConfig | None = None, *pos, env_factory=None, **kwargs):
+    def __init__(
+        self, model, reward_funcs=None, args: EPOConfig | None = None, *pos, env_factory=None, rollout_config=None,
+        **kwargs,
+    ):
+        if rollout_config is not None and env_factory is None:
+            raise ValueError("`rollout_config` configures the built-in multi-turn rollout: pass `env_factory` too.")
         if env_factory is not None:
             from .rollout import MultiTurnRollout, env_reward
 
             if kwargs.get("rollout_func") is not None:
                 raise ValueError("Pass either `env_factory` (the built-in multi-turn rollout) or `rollout_func`, not both.")
-            kwargs["rollout_func"] = MultiTurnRollout(env_factory)
+            kwargs["rollout_func"] = MultiTurnRollout(env_factory, rollout_config)
             if reward_funcs is None:
                 reward_funcs = [env_reward]
         if args is None:

@@ -20,7 +20,7 @@ class EnvEntry:
     name: str
     module: str
     env_class: str
-    splits: tuple[str, ...]
+    splits: tuple[str, ...]  # the main split names (the module may accept more, e.g. aliases)
     extra: str | None = None  # the pip extra that installs its dependencies
 
     def load(self):
@@ -36,20 +36,21 @@ class EnvEntry:
         return functools.partial(cls, **kwargs) if kwargs else cls
 
     def make_tasks(self, split: str, **kwargs: Any) -> list[TaskSpec]:
-        if split not in self.splits:
-            raise ValueError(f"The {self.name!r} environment has the splits {self.splits}, not {split!r}.")
+        """The env module's `make_tasks` (it validates the split name and knows its aliases)."""
         return self.load().make_tasks(split, **kwargs)
 
     def make_dataset(self, split: str, **kwargs: Any):
-        if split not in self.splits:
-            raise ValueError(f"The {self.name!r} environment has the splits {self.splits}, not {split!r}.")
         return self.load().make_dataset(split, **kwargs)
 
 
 ENVS: dict[str, EnvEntry] = {
     "toy": EnvEntry("toy", "trl_epo.envs.toy", "ToyEnv", ("train", "iid", "ood")),
     "sciworld": EnvEntry(
-        "sciworld", "trl_epo.envs.sciworld", "ScienceWorldEnv", ("train", "iid", "ood", "heldout"), "sciworld"
+        "sciworld",
+        "trl_epo.envs.sciworld",
+        "ScienceWorldEnv",
+        ("train", "iid", "ood", "held_out_types", "train_seen_types"),
+        "sciworld",
     ),
     "alfworld": EnvEntry("alfworld", "trl_epo.envs.alfworld", "AlfWorldEnv", ("train", "iid", "ood"), "alfworld"),
 }
