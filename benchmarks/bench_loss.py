@@ -1,16 +1,23 @@
 """EPOTrainer vs GRPOTrainer: the cost of the EPO terms in `compute_loss` + `backward`, on identical batches.
 
-    python benchmarks/bench_loss.py                       # default CPU setting (a few minutes)
+    python benchmarks/bench_loss.py                       # default CPU setting (~5 minutes on 1 idle core)
     python benchmarks/bench_loss.py --tiny                # seconds (run by the tests)
     python benchmarks/bench_loss.py --device cuda --dtype bfloat16 --hidden_size 896 --num_layers 24 \
         --num_heads 14 --vocab_size 151936 --batch_size 8 --completion_length 2048   # Qwen2.5-0.5B-sized, on a GPU
 
-Both trainers live in one process and share one model (so the weights and the memory baseline are identical);
+Both trainers live in one process, each with its own copy of one model (same seed, identical weights);
 each repetition runs `trainer.compute_loss(model, batch)` then `loss.backward()` on the same multi-turn batch (prompt,
 completion with an env mask and turn ids, advantages), in alternating order (GRPO first on even repetitions, EPO
 first on odd ones), after warm-up repetitions. The EPO trainer has the paper's objective fully on: entropy bonus,
 hinge corridor with a reference already set (so the corridor branch runs), phase weight, once-per-step reference
 update. Reported: the median time of each and their ratio (with the ratio's interquartile range over repetitions).
+
+Two more arms split the overhead into its causes (`--arms`): `epo_off` (EPOTrainer with `epo_entropy_coef=0`: the
+EPO bookkeeping, metrics and reference update, but no gradient through the entropies) and `trl_entropy`
+(GRPOTrainer with TRL's own `entropy_coef=1e-3`: TRL's entropy gradient, no EPO code). Any objective that puts the
+entropy into the loss makes the fused LM-head backward also compute the entropy's gradient, d H / d z_j =
+-p_j (log p_j + H), over every position and the whole vocabulary; GRPO alone skips it. On CUDA this is fused into
+TRL's Triton kernel; on CPU it runs as extra torch ops on each [tokens x vocab-chunk] tile.
 
 Peak memory:
 * CPU: PyTorch has no allocator statistics for CPU tensors, so the benchmark records every CPU allocation and free
@@ -39,18 +46,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+ARMS = {
+    "grpo": "GRPOTrainer (baseline)",
+    "epo": "EPOTrainer, full EPO (lambda=1e-3, hinge corridor, phase weight)",
+    "epo_off": "EPOTrainer with epo_entropy_coef=0 (EPO bookkeeping and metrics only, no entropy gradient)",
+    "trl_entropy": "GRPOTrainer with TRL's own entropy bonus (entropy_coef=1e-3): the entropy-gradient cost alone",
+}
+
+
+
 @dataclass
 class BenchLossArguments:
     hidden_size: int = field(default=256, metadata={"help": "Model width."})
     num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
     vocab_size: int = field(default=32768, metadata={"help": "Vocabulary size (the LM head dominates entropy cost)."})
-    batch_size: int = field(default=4, metadata={"help": "Sequences (episodes) per batch."})
+    batch_size: int = field(default=2, metadata={"help": "Sequences (episodes) per batch."})
     prompt_length: int = field(default=128, metadata={"help": "Prompt tokens per sequence."})
     completion_length: int = field(default=512, metadata={"help": "Completion tokens (answers + env observations)."})
     turns: int = field(default=8, metadata={"help": "Turns per episode; half of each turn's tokens are model tokens."})
     loss_type: str = field(default="dapo", metadata={"help": "TRL GRPO loss type (the same for both)."})
-    repetitions: int = field(default=20, metadata={"help": "Timed repetitions per trainer (interleaved)."})
+    repetitions: int = field(default=10, metadata={"help": "Timed repetitions per trainer (interleaved)."})
     warmup: int = field(default=3, metadata={"help": "Untimed warm-up repetitions per trainer."})
     memory_repetitions: int = field(default=3, metadata={"help": "Peak-memory measurements per trainer."})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
@@ -58,6 +74,10 @@ class BenchLossArguments:
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (CPU)."})
     seed: int = field(default=0, metadata={"help": "Seed of the model and the batch."})
     output: str | None = field(default=None, metadata={"help": "JSON file for the results."})
+    arms: list[str] = field(
+        default_factory=lambda: ["grpo", "epo", "epo_off", "trl_entropy"],
+        metadata={"help": "Trainers to time (grpo and epo always): " + "; ".join(f"{k}: {v}" for k, v in ARMS.items())},
+    )
     tiny: bool = field(default=False, metadata={"help": "Seconds-long smoke setting."})
 
     def apply_tiny(self) -> None:
@@ -120,15 +140,14 @@ def build_batch(args: BenchLossArguments, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def build_trainers(args: BenchLossArguments, model, tokenizer, output_dir: str):
+def build_trainer(arm: str, args: BenchLossArguments, model, tokenizer, output_dir: str):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_epo import EPOConfig, EPOTrainer
-    from trl_epo.objective import StepEntropy
 
     common = dict(
-        per_device_train_batch_size=args.batch_size, num_generations=args.batch_size,
+        output_dir=output_dir, per_device_train_batch_size=args.batch_size, num_generations=args.batch_size,
         max_completion_length=args.completion_length, loss_type=args.loss_type, report_to="none",
         bf16=args.dtype == "bfloat16", use_cpu=args.device == "cpu", gradient_checkpointing=False, max_steps=100,
         disable_tqdm=True, save_strategy="no", logging_steps=1000, dataloader_num_workers=0,
@@ -138,16 +157,35 @@ def build_trainers(args: BenchLossArguments, model, tokenizer, output_dir: str):
     def reward(completions, **kwargs):  # never called: compute_loss only
         return [0.0] * len(completions)
 
-    grpo = GRPOTrainer(model, reward_funcs=reward, args=GRPOConfig(output_dir=output_dir, **common),
-                       train_dataset=dataset, processing_class=tokenizer)
-    epo = EPOTrainer(model, reward_funcs=reward, args=EPOConfig(output_dir=output_dir, **common, epo_entropy_coef=1e-3,
-                     epo_smoothing="hinge", epo_smoothing_alpha=0.1, epo_kappa_low=0.5, epo_kappa_high=1.5),
-                     train_dataset=dataset, processing_class=tokenizer)
-    for trainer in (grpo, epo):
-        trainer.current_gradient_accumulation_steps = 1
-        trainer.state.max_steps = 100
-        trainer.model.train()
-    return grpo, epo, StepEntropy
+    epo_settings = dict(epo_smoothing="hinge", epo_smoothing_alpha=0.1, epo_kappa_low=0.5, epo_kappa_high=1.5)
+    if arm == "grpo":
+        cls, config = GRPOTrainer, GRPOConfig(**common)
+    elif arm == "trl_entropy":
+        cls, config = GRPOTrainer, GRPOConfig(**common, entropy_coef=1e-3)
+    elif arm == "epo":
+        cls, config = EPOTrainer, EPOConfig(**common, epo_entropy_coef=1e-3, **epo_settings)
+    elif arm == "epo_off":
+        cls, config = EPOTrainer, EPOConfig(**common, epo_entropy_coef=0.0, **epo_settings)
+    else:
+        raise ValueError(f"Unknown arm {arm!r}; use {sorted(ARMS)}.")
+    trainer = cls(model, reward_funcs=reward, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.state.max_steps = 100
+    trainer.model.train()
+    return trainer
+
+
+def set_reference(trainer, model, batch) -> None:
+    """Give an EPOTrainer an entropy reference equal to the batch's entropy, so the corridor branch runs (k > 0)."""
+    import torch
+
+    from trl_epo.objective import EntropyReference, StepEntropy
+
+    with torch.no_grad():
+        trainer._compute_loss(model, dict(batch))
+    trainer.epo_reference = EntropyReference("cumulative")
+    entropy = float(trainer._metrics["train"]["epo/entropy"][-1])
+    trainer.epo_reference.update(StepEntropy(mean=entropy, turn_means={}))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -222,73 +260,87 @@ def run(args: BenchLossArguments) -> dict:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     tokenizer = build_tiny_tokenizer()
-    model = build_model(args, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    arms = list(dict.fromkeys(["grpo", "epo", *args.arms]))
+    # Identical models (same seed), one per trainer: each trainer patches its own model's LM head.
+    models = {arm: build_model(args, tokenizer.pad_token_id, tokenizer.eos_token_id) for arm in arms}
     batch = build_batch(args, args.device)
     with tempfile.TemporaryDirectory() as output_dir:
-        grpo, epo, StepEntropy = build_trainers(args, model, tokenizer, output_dir)
-        # Set a reference near the model's entropy so the corridor is active (some tokens inside, some outside).
-        with torch.no_grad():
-            epo._compute_loss(model, dict(batch))
-        epo.epo_reference = type(epo.epo_reference)("cumulative")
-        epo.epo_reference.update(StepEntropy(mean=float(epo._metrics["train"]["epo/entropy"][-1]), turn_means={}))
-        trainers = {"grpo": grpo, "epo": epo}
+        trainers = {arm: build_trainer(arm, args, models[arm], tokenizer, output_dir) for arm in arms}
+        for arm in arms:
+            if arm.startswith("epo"):
+                set_reference(trainers[arm], models[arm], batch)
         for _ in range(args.warmup):
-            for name in ("grpo", "epo"):
-                loss_and_backward(trainers[name], model, batch)
-        times = {"grpo": [], "epo": []}
-        for rep in range(args.repetitions):
-            order = ("grpo", "epo") if rep % 2 == 0 else ("epo", "grpo")
-            for name in order:
-                times[name].append(timed(trainers[name], model, batch, args.device))
-        memory = {"grpo": [], "epo": []}
-        for rep in range(args.memory_repetitions):
-            order = ("grpo", "epo") if rep % 2 == 0 else ("epo", "grpo")
-            for name in order:
-                memory[name].append(peak_memory(trainers[name], model, batch, args.device))
-        out_of_corridor = epo._metrics["train"]["epo/out_of_corridor_frac"][-1]
+            for arm in arms:
+                loss_and_backward(trainers[arm], models[arm], batch)
+        times = {arm: [] for arm in arms}
+        memory = {arm: [] for arm in arms}
+        for rep in range(max(args.repetitions, args.memory_repetitions)):
+            shift = rep % len(arms)
+            order = arms[shift:] + arms[:shift]  # rotate, so no arm always runs first or after the same one
+            if rep % 2:
+                order = order[::-1]
+            for arm in order:
+                if rep < args.repetitions:
+                    times[arm].append(timed(trainers[arm], models[arm], batch, args.device))
+            for arm in order:
+                if rep < args.memory_repetitions:
+                    memory[arm].append(peak_memory(trainers[arm], models[arm], batch, args.device))
+        out_of_corridor = trainers["epo"]._metrics["train"]["epo/out_of_corridor_frac"][-1]
 
-    ratios = [e / g for g, e in zip(times["grpo"], times["epo"])]
-    median = {k: statistics.median(v) for k, v in times.items()}
-    peak = {k: statistics.median(v) for k, v in memory.items()}
-    tokens = int((batch["completion_mask"]).sum())
-    result = {
+    median = {arm: statistics.median(v) for arm, v in times.items()}
+    peak = {arm: statistics.median(v) for arm, v in memory.items()}
+    arm_results = {}
+    for arm in arms:
+        paired = [a / g for g, a in zip(times["grpo"], times[arm])]
+        arm_results[arm] = {
+            "description": ARMS[arm],
+            "time_s": {"median": median[arm], "min": min(times[arm]), "max": max(times[arm])},
+            "time_ratio": median[arm] / median["grpo"],
+            "time_ratio_paired_median": statistics.median(paired),
+            "time_ratio_paired_iqr": list(quartiles(paired)),
+            "peak_bytes": peak[arm],
+            "peak_bytes_all": memory[arm],
+            "memory_ratio": peak[arm] / peak["grpo"] if peak["grpo"] else float("nan"),
+        }
+    epo = arm_results["epo"]
+    return {
         "settings": asdict(args),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "completion_tokens": tokens,
+        "parameters": sum(p.numel() for p in models["grpo"].parameters()),
+        "completion_tokens": int(batch["completion_mask"].sum()),
         "model_tokens": int(batch["num_items_in_batch"]),
         "out_of_corridor_frac": out_of_corridor,
-        "time_s": {k: {"median": median[k], "min": min(v), "max": max(v)} for k, v in times.items()},
-        "time_ratio": median["epo"] / median["grpo"],
-        "time_ratio_paired_median": statistics.median(ratios),
-        "time_ratio_paired_iqr": list(quartiles(ratios)),
-        "peak_bytes": {k: {"median": peak[k], "all": memory[k]} for k, v in memory.items()},
-        "memory_ratio": peak["epo"] / peak["grpo"] if peak["grpo"] else float("nan"),
+        "arms": arm_results,
+        "time_ratio": epo["time_ratio"],
+        "time_ratio_paired_median": epo["time_ratio_paired_median"],
+        "time_ratio_paired_iqr": epo["time_ratio_paired_iqr"],
+        "memory_ratio": epo["memory_ratio"],
         "memory_method": "cuda max_memory_allocated" if args.device != "cpu" else "profiler allocation events (CPU)",
         "targets": {"time_ratio": 1.03, "memory_ratio": 1.02},
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    return result
 
 
 def report(result: dict) -> str:
-    t, m = result["time_s"], result["peak_bytes"]
     s = result["settings"]
-    low, high = result["time_ratio_paired_iqr"]
     lines = [
         f"model: qwen2 h={s['hidden_size']} L={s['num_layers']} V={s['vocab_size']} ({result['parameters'] / 1e6:.1f}M "
         f"params, {s['dtype']}, {result['device']}); batch {s['batch_size']} x ({s['prompt_length']} prompt + "
         f"{s['completion_length']} completion, {s['turns']} turns, {result['model_tokens']} model tokens); "
         f"loss_type={s['loss_type']}; {s['repetitions']} interleaved reps; threads={s['threads']}; "
         f"load average {result['load_average']}",
-        "| | GRPOTrainer | EPOTrainer | ratio EPO/GRPO | target |",
+        "| arm | compute_loss + backward, median s | time ratio vs GRPO (paired median, IQR) | peak MiB | "
+        "memory ratio vs GRPO |",
         "|---|---|---|---|---|",
-        f"| compute_loss + backward, median s | {t['grpo']['median']:.4f} | {t['epo']['median']:.4f} | "
-        f"{result['time_ratio']:.3f} (paired median {result['time_ratio_paired_median']:.3f}, IQR {low:.3f}-{high:.3f})"
-        f" | <= {result['targets']['time_ratio']} |",
-        f"| peak memory, MiB | {m['grpo']['median'] / 2**20:.1f} | {m['epo']['median'] / 2**20:.1f} | "
-        f"{result['memory_ratio']:.3f} | <= {result['targets']['memory_ratio']} |",
     ]
+    for arm, r in result["arms"].items():
+        low, high = r["time_ratio_paired_iqr"]
+        lines.append(
+            f"| {arm} | {r['time_s']['median']:.4f} | {r['time_ratio']:.3f} ({r['time_ratio_paired_median']:.3f}, "
+            f"{low:.3f}-{high:.3f}) | {r['peak_bytes'] / 2**20:.1f} | {r['memory_ratio']:.3f} |"
+        )
+    lines.append(f"targets for epo: time <= {result['targets']['time_ratio']}, memory <= "
+                 f"{result['targets']['memory_ratio']}")
     return "\n".join(lines)
 
 

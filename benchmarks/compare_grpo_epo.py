@@ -32,6 +32,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -62,26 +63,26 @@ class CompareArguments:
     eval_max_turns: int = field(default=12, metadata={"help": "Turns per evaluation episode (OOD needs <= 12)."})
     max_turn_tokens: int = field(default=16, metadata={"help": "New tokens per answer."})
     show_admissible_actions: bool = field(
-        default=False, metadata={"help": "List the admissible actions in observations (longer contexts)."}
+        default=True, metadata={"help": "List the admissible actions in observations (longer contexts)."}
     )
     # SFT
     sft_tasks: int = field(default=400, metadata={"help": "Expert trajectories (train split) for SFT."})
-    sft_steps: int = field(default=60, metadata={"help": "SFT optimizer steps (early stop: low start success)."})
+    sft_steps: int = field(default=68, metadata={"help": "SFT optimizer steps (early stop: low start success)."})
     sft_batch_size: int = field(default=16, metadata={"help": "SFT batch size (prompt-completion rows)."})
     sft_learning_rate: float = field(default=1e-3, metadata={"help": "SFT learning rate (constant)."})
     # RL
     rl_steps: int = field(default=60, metadata={"help": "RL optimizer steps per run (identical for all methods)."})
     rl_tasks_per_step: int = field(default=4, metadata={"help": "Tasks (GRPO groups) per optimizer step."})
     num_generations: int = field(default=8, metadata={"help": "Episodes per task (GRPO group size)."})
-    rl_learning_rate: float = field(default=1e-4, metadata={"help": "RL learning rate (constant)."})
+    rl_learning_rate: float = field(default=3e-4, metadata={"help": "RL learning rate (constant)."})
     rl_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature in training (paper: 1.0)."})
     rl_train_tasks: int = field(default=1024, metadata={"help": "Distinct train-split tasks in the RL dataset."})
     loss_type: str = field(default="dapo", metadata={"help": "TRL GRPO loss type (the same for both methods)."})
     # EPO (the 'grpo' arm uses epo_entropy_coef=0 and nothing else changes)
-    epo_entropy_coef: float = field(default=1e-2, metadata={"help": "lambda of the EPO arm."})
-    epo_smoothing_alpha: float = field(default=0.1, metadata={"help": "alpha of the EPO arm."})
-    epo_kappa_low: float = field(default=0.5, metadata={"help": "kappa_l of the EPO arm."})
-    epo_kappa_high: float = field(default=1.5, metadata={"help": "kappa_r of the EPO arm."})
+    epo_entropy_coef: float = field(default=1e-3, metadata={"help": "lambda of the EPO arm (paper: 1e-3)."})
+    epo_smoothing_alpha: float = field(default=0.1, metadata={"help": "alpha of the EPO arm (paper: 0.1 ALFWorld)."})
+    epo_kappa_low: float = field(default=0.0, metadata={"help": "kappa_l of the EPO arm (paper: 0)."})
+    epo_kappa_high: float = field(default=2.0, metadata={"help": "kappa_r of the EPO arm (paper: 2)."})
     epo_reference: str = field(default="cumulative", metadata={"help": "Entropy reference of the EPO arm."})
     # evaluation
     eval_episodes: int = field(default=128, metadata={"help": "Episodes per split (IID and OOD) per final policy."})
@@ -210,17 +211,18 @@ def run_sft(args: CompareArguments, out: str) -> dict:
         save_strategy="no", report_to="none", use_cpu=True, bf16=False, max_length=2048, disable_tqdm=True, seed=0,
         dataloader_num_workers=0,
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer = SFTTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer)
     _silence_log_printing(trainer)
     trainer.train()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.rmtree(os.path.join(out, "trainer"), ignore_errors=True)
     log = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "time_s": elapsed,
+        "cpu_s": cpu,
         "rows": len(dataset),
         "trajectories": len(conversations),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -278,15 +280,17 @@ def run_rl(spec: dict) -> dict:
     trainer = EPOTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer, env_factory=ToyEnv)
     _silence_log_printing(trainer)
     trainer.add_callback(_Progress(f"{method} seed {seed}", every=max(1, args.rl_steps // 6)))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
-    train_time = time.perf_counter() - start
+    train_time, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     trainer.save_model(out)
     history = [h for h in trainer.state.log_history if "loss" in h]
     plot_run(out)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     evaluation = evaluate_splits(trainer.model, tokenizer, args, save_to=out)
     return {
+        "train_cpu_s": train_cpu,
+        "eval_cpu_s": time.process_time() - cpu_start,
         "method": method,
         "seed": seed,
         "output_dir": out,
@@ -409,9 +413,9 @@ def plot_comparison(result: dict, path: str) -> None:
             deltas = [b - a for a, b in zip(r["entropy"], r["entropy"][1:])]
             axes[1, 0].plot(r["steps"][1:], deltas, color=color, alpha=0.5, lw=0.9,
                             label=f"{method}" if r is mine[0] else None)
-    axes[0, 0].set_title("training success rate (rollouts at T=1.0; moving mean of 5 steps; thin: seeds)")
+    axes[0, 0].set_title("training success rate (rollouts at T=1.0)\nmoving mean of 5 steps; thin lines: seeds")
     axes[0, 0].set_ylabel("success rate")
-    axes[0, 1].set_title("trajectory-level entropy L_H of the action tokens (thin: seeds)")
+    axes[0, 1].set_title("trajectory-level entropy L_H of the action tokens\nthin lines: seeds")
     axes[0, 1].set_ylabel("nats")
     axes[1, 0].set_title("step-to-step entropy change H_{k+1} - H_k")
     axes[1, 0].set_ylabel("nats")
@@ -446,7 +450,7 @@ def plot_comparison(result: dict, path: str) -> None:
     ax.set_xticks(positions, labels)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("success rate (T=0.4)")
-    ax.set_title("final success: IID (solid) / OOD (hatched); pooled over seeds, 95% Wilson CI; dots: seeds")
+    ax.set_title("final success at T=0.4: IID (solid) / OOD (hatched)\npooled over seeds with 95% Wilson CI; dots: seeds")
     ax.grid(alpha=0.3, axis="y")
     figure.suptitle(result.get("title", "GRPO vs EPO"), fontsize=11)
     figure.savefig(path)
@@ -510,6 +514,9 @@ def run_comparison(args: CompareArguments) -> dict:
 
     elapsed = time.perf_counter() - begin
     machine["load_average_end"] = load_average()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine["cpu_seconds"] = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    machine["quiet_machine_estimate_min"] = machine["cpu_seconds"] / max(1, min(args.parallel, os.cpu_count() or 1)) / 60
     result = {
         "title": (f"GRPO vs EPO (lambda={args.epo_entropy_coef:g}, alpha={args.epo_smoothing_alpha:g}, "
                   f"kappa=[{args.epo_kappa_low:g}, {args.epo_kappa_high:g}]), toy env, {args.rl_steps} steps x "
@@ -526,8 +533,10 @@ def run_comparison(args: CompareArguments) -> dict:
         json.dump(result, f, indent=2)
     plot_comparison(result, os.path.join(args.output_dir, "compare.png"))
     print(result["table"])
-    print(f"[compare] total {elapsed / 60:.1f} min (load average start {machine['load_average_start']}, "
-          f"end {machine['load_average_end']}) -> {args.output_dir}/results.json, compare.png")
+    print(f"[compare] total {elapsed / 60:.1f} min wall, {machine['cpu_seconds'] / 60:.1f} CPU-min (about "
+          f"{machine['quiet_machine_estimate_min']:.0f} min on {args.parallel} idle cores); load average start "
+          f"{machine['load_average_start']}, end {machine['load_average_end']} -> {args.output_dir}/results.json, "
+          "compare.png")
     if elapsed > args.time_budget_minutes * 60:
         print(f"[compare] WARNING: took longer than the {args.time_budget_minutes:g}-minute budget.", flush=True)
     return result

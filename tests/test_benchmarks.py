@@ -43,11 +43,13 @@ def test_bench_loss_tiny(tmp_path):
     result = bench.main(["--tiny", "--output", str(tmp_path / "loss.json")])
     assert json.loads((tmp_path / "loss.json").read_text())["time_ratio"] == result["time_ratio"]
     assert 0.2 < result["time_ratio"] < 5 and len(result["time_ratio_paired_iqr"]) == 2
-    for name in ("grpo", "epo"):
-        assert result["peak_bytes"][name]["median"] > 0
+    assert set(result["arms"]) == {"grpo", "epo", "epo_off", "trl_entropy"}
+    for arm in result["arms"].values():
+        assert arm["peak_bytes"] > 0 and arm["time_s"]["median"] > 0
+    assert result["arms"]["grpo"]["time_ratio"] == 1.0
     assert 0.5 < result["memory_ratio"] < 2
     assert 0.0 <= result["out_of_corridor_frac"] <= 1.0  # the corridor branch ran
-    assert "ratio EPO/GRPO" in bench.report(result)
+    assert "time ratio vs GRPO" in bench.report(result)
 
 
 def test_bench_loss_peak_memory_counts_allocations():
