@@ -175,6 +175,44 @@ def build_trainer(arm: str, args: BenchLossArguments, model, tokenizer, output_d
     return trainer
 
 
+def epo_terms_seconds(args: BenchLossArguments, model, tokenizer, batch, output_dir: str, repetitions: int = 30):
+    """Median time of EPOTrainer's own additions alone: its real `_compute_loss` code (trajectory weights, corridor,
+    phase weight, metrics, reference bookkeeping) and the backward of its terms, with TRL's base loss replaced by a
+    stub that hands over synthetic per-token entropies (a leaf tensor) instead of running the model."""
+    import torch
+    from trl import GRPOTrainer
+
+    from trl_epo import EPOTrainer
+
+    shape = batch["completion_ids"].shape
+
+    class BaseLossStub(GRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            self._entropy_leaf = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 4).requires_grad_()
+            self._epo_entropies = self._entropy_leaf  # what EPOTrainer captures from the loss forward
+            return self._entropy_leaf.new_zeros((), requires_grad=True)
+
+    class EPOTermsOnly(EPOTrainer, BaseLossStub):  # EPOTrainer's super()._compute_loss is the stub
+        def _get_per_token_logps_and_entropies(self, *a, **k):  # pragma: no cover - never called
+            raise AssertionError
+
+    trainer = build_trainer("epo", args, model, tokenizer, output_dir)
+    trainer.__class__ = EPOTermsOnly
+    from trl_epo.objective import EntropyReference, StepEntropy
+
+    trainer.epo_reference = EntropyReference("cumulative")
+    trainer.epo_reference.update(StepEntropy(mean=2.0, turn_means={}))
+    times = []
+    for rep in range(repetitions + 3):
+        start = time.perf_counter()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        _sync(args.device)
+        if rep >= 3:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def set_reference(trainer, model, batch) -> None:
     """Give an EPOTrainer an entropy reference equal to the batch's entropy, so the corridor branch runs (k > 0)."""
     import torch
@@ -286,6 +324,7 @@ def run(args: BenchLossArguments) -> dict:
                 if rep < args.memory_repetitions:
                     memory[arm].append(peak_memory(trainers[arm], models[arm], batch, args.device))
         out_of_corridor = trainers["epo"]._metrics["train"]["epo/out_of_corridor_frac"][-1]
+        terms_only = epo_terms_seconds(args, models["epo"], tokenizer, batch, output_dir)
 
     median = {arm: statistics.median(v) for arm, v in times.items()}
     peak = {arm: statistics.median(v) for arm, v in memory.items()}
@@ -310,6 +349,8 @@ def run(args: BenchLossArguments) -> dict:
         "completion_tokens": int(batch["completion_mask"].sum()),
         "model_tokens": int(batch["num_items_in_batch"]),
         "out_of_corridor_frac": out_of_corridor,
+        "epo_terms_only_s": terms_only,
+        "epo_terms_only_fraction_of_grpo": terms_only / median["grpo"],
         "arms": arm_results,
         "time_ratio": epo["time_ratio"],
         "time_ratio_paired_median": epo["time_ratio_paired_median"],
@@ -339,6 +380,9 @@ def report(result: dict) -> str:
             f"| {arm} | {r['time_s']['median']:.4f} | {r['time_ratio']:.3f} ({r['time_ratio_paired_median']:.3f}, "
             f"{low:.3f}-{high:.3f}) | {r['peak_bytes'] / 2**20:.1f} | {r['memory_ratio']:.3f} |"
         )
+    lines.append(f"EPOTrainer's own terms alone (its _compute_loss code + their backward, base loss stubbed): "
+                 f"{1000 * result['epo_terms_only_s']:.2f} ms per call = "
+                 f"{100 * result['epo_terms_only_fraction_of_grpo']:.2f}% of GRPO's compute_loss + backward")
     lines.append(f"targets for epo: time <= {result['targets']['time_ratio']}, memory <= "
                  f"{result['targets']['memory_ratio']}")
     return "\n".join(lines)

@@ -168,6 +168,7 @@ def measure(env_name, tasks, factory, policy, pool_size, backend, model, tokeniz
         "turns": sum(e.turns for e in episodes),
         "env_steps": env_steps,
         "env_errors": stats["env_error_episodes"],
+        "env_error_example": next((e.env_error[:300] for e in episodes if e.env_error), None),
         "wall_s": wall,
         "startup_s": startup,
         "episodes_per_s": len(episodes) / wall,

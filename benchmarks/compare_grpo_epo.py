@@ -88,6 +88,9 @@ class CompareArguments:
     eval_episodes: int = field(default=128, metadata={"help": "Episodes per split (IID and OOD) per final policy."})
     eval_temperature: float = field(default=0.4, metadata={"help": "Evaluation temperature (paper: 0.4)."})
     time_budget_minutes: float = field(default=60.0, metadata={"help": "Warn when the whole run takes longer."})
+    resummarize: bool = field(
+        default=False, metadata={"help": "Only rebuild results.json tables and compare.png of a finished output_dir."}
+    )
     tiny: bool = field(default=False, metadata={"help": "Seconds-long smoke setting (overrides most sizes)."})
 
     def apply_tiny(self) -> None:
@@ -245,7 +248,7 @@ def evaluate_splits(model, tokenizer, args: CompareArguments, save_to: str | Non
         if save_to:
             save_eval_results(result, save_to)
         results[split] = {k: result[k] for k in ("num_episodes", "successes", "success_rate", "success_ci",
-                                                 "mean_turns", "invalid_turn_rate", "seeds")}
+                                                 "mean_turns", "invalid_turn_rate", "seeds", "per_task")}
     return results
 
 
@@ -388,6 +391,28 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def per_task_table(result: dict) -> str:
+    """Successes per task type (IID / OOD) of the SFT start and of every run."""
+    rows = [("SFT start", result.get("sft", {}).get("eval"))] + [
+        (f"{r['method']} seed {r['seed']}", r["eval"]) for r in result["runs"]
+    ]
+    tasks = sorted({t for _, e in rows if e for split in ("iid", "ood") for t in e[split].get("per_task", {})})
+    if not tasks:
+        return ""
+    header = "| run | " + " | ".join(f"{t} IID | {t} OOD" for t in tasks) + " |"
+    lines = [header, "|---" * (1 + 2 * len(tasks)) + "|"]
+    for name, e in rows:
+        if not e:
+            continue
+        cells = []
+        for t in tasks:
+            for split in ("iid", "ood"):
+                c = e[split].get("per_task", {}).get(t)
+                cells.append(f"{c['successes']}/{c['episodes']}" if c else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_comparison(result: dict, path: str) -> None:
     from matplotlib.figure import Figure
 
@@ -469,6 +494,8 @@ def load_average() -> list[float]:
 
 
 def run_comparison(args: CompareArguments) -> dict:
+    if args.resummarize:
+        return resummarize(args.output_dir)
     if args.tiny:
         args.apply_tiny()
     for method in args.methods:
@@ -528,17 +555,41 @@ def run_comparison(args: CompareArguments) -> dict:
         "runs": runs,
         "summary": summarize(runs),
     }
-    result["table"] = markdown_table(result)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    plot_comparison(result, os.path.join(args.output_dir, "compare.png"))
-    print(result["table"])
+    write_outputs(result, args.output_dir)
     print(f"[compare] total {elapsed / 60:.1f} min wall, {machine['cpu_seconds'] / 60:.1f} CPU-min (about "
           f"{machine['quiet_machine_estimate_min']:.0f} min on {args.parallel} idle cores); load average start "
           f"{machine['load_average_start']}, end {machine['load_average_end']} -> {args.output_dir}/results.json, "
           "compare.png")
     if elapsed > args.time_budget_minutes * 60:
         print(f"[compare] WARNING: took longer than the {args.time_budget_minutes:g}-minute budget.", flush=True)
+    return result
+
+
+def write_outputs(result: dict, output_dir: str) -> None:
+    """results.json (with the markdown tables) and compare.png; prints the tables."""
+    result["summary"] = summarize(result["runs"])
+    result["table"] = markdown_table(result)
+    result["per_task_table"] = per_task_table(result)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot_comparison(result, os.path.join(output_dir, "compare.png"))
+    print(result["table"])
+    print(result["per_task_table"])
+
+
+def resummarize(output_dir: str) -> dict:
+    """Rebuild the summary, tables and figure of a finished comparison from its files (no training): the runs'
+    `eval_results.json` files fill in anything the results.json lacks (e.g. per-task counts)."""
+    from trl_epo.evaluation import read_eval_results
+
+    with open(os.path.join(output_dir, "results.json")) as f:
+        result = json.load(f)
+    folders = [("sft", os.path.join(output_dir, "sft"))] + [(r, r["output_dir"]) for r in result["runs"]]
+    for owner, folder in folders:
+        evaluation = result["sft"]["eval"] if owner == "sft" else owner["eval"]
+        for saved in read_eval_results(os.path.join(folder, "eval_results.json"))["results"]:
+            evaluation.setdefault(saved["split"], {}).setdefault("per_task", saved["per_task"])
+    write_outputs(result, output_dir)
     return result
 
 

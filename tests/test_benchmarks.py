@@ -97,6 +97,9 @@ def test_compare_tiny(tmp_path):
         assert sorted(r["split"] for r in results) == ["iid", "ood"]
         assert len(run["steps"]) == 2 and len(run["entropy"]) == 2
     # The GRPO arm really is GRPO (no EPO term), the EPO arm really has it.
+    assert "open-door IID" in saved["per_task_table"] and saved["machine"]["cpu_seconds"] > 0
+    again = compare.main(["--resummarize", "--output_dir", str(tmp_path)])  # tables and figure from the files
+    assert again["table"] == result["table"] and again["per_task_table"] == saved["per_task_table"]
     grpo_run = json.loads((tmp_path / "runs" / "grpo_seed0" / "epo_run.json").read_text())
     epo_run = json.loads((tmp_path / "runs" / "epo_seed0" / "epo_run.json").read_text())
     assert grpo_run["epo"]["epo_entropy_coef"] == 0.0 and epo_run["epo"]["epo_entropy_coef"] > 0
