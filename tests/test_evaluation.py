@@ -1,0 +1,143 @@
+"""Evaluation: Wilson intervals on known counts, the scripted toy solver through the real generate path, task
+selection, the eval_results.json file and the command line (full model, checkpoint and LoRA adapter directories)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from trl_epo.evaluation import (
+    EVAL_RESULTS_NAME,
+    evaluate,
+    load_model_for_eval,
+    main,
+    read_eval_results,
+    save_eval_results,
+    split_tasks,
+    wilson_interval,
+)
+
+from scripted import ScriptedLM
+from test_rollout import garbage_policy
+from toy_solver import toy_solver
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run fastest on one intra-op thread, and far faster on a shared (loaded) machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_wilson_interval_on_known_counts():
+    z = 1.959963984540054
+    # Closed forms at the edges: 0/n -> (0, z^2/(n+z^2)), n/n -> (n/(n+z^2), 1).
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z * z / (10 + z * z)))
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z * z), 1.0))
+    # Textbook values (e.g. Newcombe 1998): 5/10 -> 0.2366-0.7634, 81/263 -> 0.2553-0.3662.
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low90, high90 = wilson_interval(5, 10, confidence=0.90)
+    assert 0.2366 < low90 and high90 < 0.7634
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_scripted_solver_scores_one_with_the_right_interval(tokenizer):
+    model = ScriptedLM(tokenizer, toy_solver)
+    result = evaluate(model, tokenizer, env="toy", split="iid", num_episodes=5, seed=[0, 1], max_turn_tokens=40,
+                      pool_backend="thread", batch_size=3, progress_bar=False)
+    assert result["num_episodes"] == 10 and result["num_tasks"] == 5 and result["seeds"] == [0, 1]
+    assert result["success_rate"] == 1.0 and result["successes"] == 10
+    assert result["success_ci"] == pytest.approx(list(wilson_interval(10, 10)))
+    assert result["ci_method"] == "wilson" and result["confidence"] == 0.95
+    assert result["invalid_turn_rate"] == 0.0 and result["env_error_episodes"] == 0
+    assert result["settings"]["temperature"] == 0.4 and result["settings"]["max_turns"] == 15
+    assert [s["episodes"] for s in result["per_seed"]] == [5, 5]
+    assert sum(t["episodes"] for t in result["per_task"].values()) == 10
+    assert len(result["episodes"]) == 10 and all(e["won"] for e in result["episodes"])
+    assert result["mean_turns"] == pytest.approx(sum(e["turns"] for e in result["episodes"]) / 10)
+    assert result["mean_turns"] >= 3  # the shortest toy solution: take, go east, open door
+    json.dumps(result)  # JSON-serialisable
+
+
+def test_invalid_answers_and_turn_limit(tokenizer):
+    model = ScriptedLM(tokenizer, garbage_policy)
+    result = evaluate(model, tokenizer, env="toy", split="ood", num_episodes=3, max_turns=2, max_turn_tokens=40,
+                      pool_backend="inline", progress_bar=False)
+    assert result["success_rate"] == 0.0 and result["invalid_turn_rate"] == 1.0
+    assert result["mean_turns"] == 2 and result["truncation_rate"] == 1.0
+    assert result["success_ci"][0] == 0.0 and result["success_ci"][1] == pytest.approx(wilson_interval(0, 3)[1])
+    assert result["mean_turns_success"] is None
+
+
+def test_split_task_selection():
+    tasks, info = split_tasks("toy", "iid", None)
+    assert info["selection"] == "all" and len(tasks) == info["split_size"] == 16  # the toy module's default split
+    tasks, info = split_tasks("toy", "ood", 40)
+    assert len(tasks) == 40 and info["selection"] == "all"  # generated splits are asked for exactly N tasks
+    full, _ = split_tasks("toy", "iid", None, {"num_tasks": 10})
+    subset, info = split_tasks("toy", "iid", 4, {"num_tasks": 10})
+    assert info["selection"] == "random_subset" and len(subset) == 4 and all(t in full for t in subset)
+    assert subset == split_tasks("toy", "iid", 4, {"num_tasks": 10})[0]  # deterministic
+    cycled, info = split_tasks("toy", "iid", 25, {"num_tasks": 10})
+    assert info["selection"] == "cycled" and cycled[:10] == full and cycled[10:20] == full
+    with pytest.raises(ValueError, match="splits"):
+        split_tasks("toy", "heldout", None)
+
+
+def test_eval_results_file_merges_per_split(tmp_path):
+    def fake(split, rate):
+        return {"format": "trl_epo.eval_results", "env": "toy", "split": split, "success_rate": rate,
+                "seeds": [0], "settings": {"temperature": 0.4}, "episodes": [{"won": True}]}
+
+    path = save_eval_results(fake("iid", 0.5), str(tmp_path))
+    assert path == str(tmp_path / EVAL_RESULTS_NAME)
+    save_eval_results(fake("ood", 0.1), path)
+    save_eval_results(fake("iid", 0.7), path)  # replaces the older iid result
+    data = read_eval_results(path)
+    assert data["schema_version"] == 1
+    assert [(r["split"], r["success_rate"]) for r in data["results"]] == [("ood", 0.1), ("iid", 0.7)]
+    assert all("episodes" not in r for r in data["results"])
+    assert (tmp_path / "eval_episodes_toy_iid.jsonl").read_text().strip() == '{"won": true}'
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="eval results"):
+        read_eval_results(str(tmp_path / "other.json"))
+
+
+def test_command_line_on_saved_checkpoint_and_lora_adapter(tokenizer, make_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-3"
+    model = make_model()
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(run)  # a checkpoint without tokenizer files: found in the parent output_dir
+    (run / "epo_run.json").write_text(json.dumps({"epo": {"env_max_turns": 2, "env_max_turn_tokens": 6}}))
+    results = main(["--model", str(checkpoint), "--env", "toy", "--split", "iid", "ood", "--num_episodes", "3",
+                    "--pool_backend", "thread", "--seeds", "0", "1"])
+    data = json.loads((checkpoint / EVAL_RESULTS_NAME).read_text())
+    assert [r["split"] for r in data["results"]] == ["iid", "ood"]
+    for r in data["results"]:
+        assert r["num_episodes"] == 6 and r["seeds"] == [0, 1] and r["model"] == str(checkpoint)
+        assert r["settings"]["max_turns"] == 2 and r["settings"]["max_turn_tokens"] == 6  # the training run's
+        assert 0 <= r["success_ci"][0] <= r["success_rate"] <= r["success_ci"][1] <= 1
+        assert not math.isnan(r["mean_turns"])
+    assert len(results) == 2
+
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    peft_model = get_peft_model(make_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.peft_config["default"].base_model_name_or_path = str(base)
+    peft_model.save_pretrained(adapter)
+    loaded, loaded_tokenizer = load_model_for_eval(str(adapter), device="cpu")
+    assert type(loaded).__name__.startswith("Peft") and loaded_tokenizer.chat_template
+    result = evaluate(loaded, loaded_tokenizer, "toy", "iid", num_episodes=2, max_turns=1, max_turn_tokens=4,
+                      pool_backend="inline", progress_bar=False)
+    assert result["num_episodes"] == 2
