@@ -86,7 +86,7 @@ def test_split_task_selection():
     assert subset == split_tasks("toy", "iid", 4, {"num_tasks": 10})[0]  # deterministic
     cycled, info = split_tasks("toy", "iid", 25, {"num_tasks": 10})
     assert info["selection"] == "cycled" and cycled[:10] == full and cycled[10:20] == full
-    with pytest.raises(ValueError, match="splits"):
+    with pytest.raises(ValueError, match="split"):
         split_tasks("toy", "heldout", None)
 
 
