@@ -14,7 +14,9 @@ from datasets import Dataset  # noqa: E402
 from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: tiny models gain nothing from two on 2 cores, and under load (env workers, JVMs,
+# a second process) OpenMP spin-waiting made two threads 10-30x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
