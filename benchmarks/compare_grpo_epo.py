@@ -587,8 +587,8 @@ def resummarize(output_dir: str) -> dict:
     folders = [("sft", os.path.join(output_dir, "sft"))] + [(r, r["output_dir"]) for r in result["runs"]]
     for owner, folder in folders:
         evaluation = result["sft"]["eval"] if owner == "sft" else owner["eval"]
-        for saved in read_eval_results(os.path.join(folder, "eval_results.json"))["results"]:
-            evaluation.setdefault(saved["split"], {}).setdefault("per_task", saved["per_task"])
+        for saved in read_eval_results(os.path.join(folder, "eval_results.json")):
+            evaluation.setdefault(saved.split, {}).setdefault("per_task", saved.extra.get("per_task"))
     write_outputs(result, output_dir)
     return result
 

@@ -39,3 +39,14 @@ class PrefetchRecordingEnv(ToyEnv):
 
     def step(self, action):
         return StepResult(observation="ok", done=True, won=True, info={"score": 100.0})
+
+
+class ExitingEnv(ToyEnv):
+    """Writes a message to stderr and exits the process at construction (an env that cannot start)."""
+
+    def __init__(self, message):
+        import sys
+
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        os._exit(3)

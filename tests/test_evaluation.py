@@ -90,22 +90,28 @@ def test_split_task_selection():
         split_tasks("toy", "heldout", None)
 
 
-def test_eval_results_file_merges_per_split(tmp_path):
+def test_eval_results_file_merges_per_split_and_feeds_the_model_card(tmp_path):
     def fake(split, rate):
-        return {"format": "trl_epo.eval_results", "env": "toy", "split": split, "success_rate": rate,
-                "seeds": [0], "settings": {"temperature": 0.4}, "episodes": [{"won": True}]}
+        return {"env": "toy", "split": split, "success_rate": rate, "num_episodes": 4, "success_ci": [0.1, 0.9],
+                "seeds": [0], "mean_turns": 3.5, "invalid_turn_rate": 0.25, "model": "m",
+                "settings": {"temperature": 0.4}, "episodes": [{"won": True}]}
 
     path = save_eval_results(fake("iid", 0.5), str(tmp_path))
     assert path == str(tmp_path / EVAL_RESULTS_NAME)
     save_eval_results(fake("ood", 0.1), path)
-    save_eval_results(fake("iid", 0.7), path)  # replaces the older iid result
-    data = read_eval_results(path)
-    assert data["schema_version"] == 1
-    assert [(r["split"], r["success_rate"]) for r in data["results"]] == [("ood", 0.1), ("iid", 0.7)]
-    assert all("episodes" not in r for r in data["results"])
+    save_eval_results(fake("iid", 0.75), path)  # replaces the older iid result
+    results = read_eval_results(path)
+    assert [(r.split, r.success_rate) for r in results] == [("iid", 0.75), ("ood", 0.1)]
+    iid = results[0]
+    assert (iid.episodes, iid.ci_low, iid.ci_high, iid.temperature, iid.mean_turns) == (4, 0.1, 0.9, 0.4, 3.5)
+    assert iid.extra["invalid_turn_rate"] == 0.25 and "episodes" not in iid.extra
     assert (tmp_path / "eval_episodes_toy_iid.jsonl").read_text().strip() == '{"won": true}'
+    # The model card reads the same file.
+    from trl_epo.hub import load_eval_results
+
+    assert load_eval_results(str(tmp_path)) == results
     (tmp_path / "other.json").write_text("{}")
-    with pytest.raises(ValueError, match="eval results"):
+    with pytest.raises(ValueError, match="evaluation results"):
         read_eval_results(str(tmp_path / "other.json"))
 
 
@@ -120,13 +126,14 @@ def test_command_line_on_saved_checkpoint_and_lora_adapter(tokenizer, make_model
     (run / "epo_run.json").write_text(json.dumps({"epo": {"env_max_turns": 2, "env_max_turn_tokens": 6}}))
     results = main(["--model", str(checkpoint), "--env", "toy", "--split", "iid", "ood", "--num_episodes", "3",
                     "--pool_backend", "thread", "--seeds", "0", "1"])
-    data = json.loads((checkpoint / EVAL_RESULTS_NAME).read_text())
-    assert [r["split"] for r in data["results"]] == ["iid", "ood"]
-    for r in data["results"]:
-        assert r["num_episodes"] == 6 and r["seeds"] == [0, 1] and r["model"] == str(checkpoint)
-        assert r["settings"]["max_turns"] == 2 and r["settings"]["max_turn_tokens"] == 6  # the training run's
-        assert 0 <= r["success_ci"][0] <= r["success_rate"] <= r["success_ci"][1] <= 1
-        assert not math.isnan(r["mean_turns"])
+    saved = read_eval_results(str(checkpoint / EVAL_RESULTS_NAME))
+    assert [r.split for r in saved] == ["iid", "ood"]
+    for r in saved:
+        assert r.episodes == 6 and r.seeds == [0, 1] and r.model == str(checkpoint)
+        settings = r.extra["settings"]
+        assert settings["max_turns"] == 2 and settings["max_turn_tokens"] == 6  # the training run's
+        assert 0 <= r.ci_low <= r.success_rate <= r.ci_high <= 1
+        assert not math.isnan(r.mean_turns)
     assert len(results) == 2
 
     base = tmp_path / "base"

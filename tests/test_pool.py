@@ -13,7 +13,7 @@ from trl_epo.envs import EnvPool, FaultyToyEnv, ToyEnv
 from trl_epo.envs.toy import expert_actions, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 
-from pool_envs import ChildProcessEnv, PrefetchRecordingEnv
+from pool_envs import ChildProcessEnv, ExitingEnv, PrefetchRecordingEnv
 from scripted import ScriptedLM
 
 
@@ -116,3 +116,17 @@ def test_the_rollout_hints_the_next_wave(tmp_path, tokenizer, backend):
     assert all(e.won for e in episodes)  # three waves of two episodes
     hinted = [json.loads(line)[0] for line in log.read_text().splitlines()]
     assert sorted((h["task"], h["seed"]) for h in hinted) == sorted((t.task, t.seed) for t in tasks[2:])
+
+
+def test_workers_import_this_trl_epo_and_report_their_stderr(tmp_path, monkeypatch):
+    # A directory holding another (broken) trl_epo package must not shadow this one in the workers.
+    (tmp_path / "trl_epo").mkdir()
+    (tmp_path / "trl_epo" / "__init__.py").write_text("raise ImportError('the wrong trl_epo')\n")
+    monkeypatch.chdir(tmp_path)
+    task = make_tasks("train", 1)[0]
+    with EnvPool(ToyEnv, 1) as pool:
+        assert pool.reset([(0, task)])[0].env_error is None
+    # A worker that cannot load its env factory says why (its stderr is quoted).
+    with EnvPool(functools.partial(ExitingEnv, "env could not start: missing simulator"), 1) as pool:
+        error = pool.reset([(0, task)])[0].env_error
+    assert "died" in error and "missing simulator" in error

@@ -17,19 +17,10 @@ from trl_epo.rollout import MultiTurnRollout, ModelGenerator, RolloutConfig
 
 from conftest import base_config_kwargs
 from scripted import ScriptedLM
+from toy_solver import toy_solver
 
 
-def toy_oracle(conversation: str) -> str:
-    """A scripted solver of the toy tasks that reads only the conversation (its own past and the observations)."""
-    last = conversation.split("Observation:")[-1]
-    item = "key" if "Find the key" in conversation else "coin"
-    if f"You take the {item}." not in conversation:
-        if f"a {item}" in last.split("Available actions")[0]:
-            return f"The {item} is here. <action>take {item}</action>"
-        return "Keep looking. <action>go east</action>"
-    if item == "key":
-        return "<action>open door</action>" if "There is a door here" in last else "<action>go east</action>"
-    return "<action>drop coin</action>" if "(room 1 of" in last else "Back west. <action>go west</action>"
+toy_oracle = toy_solver  # the scripted solver used across the tests
 
 
 def garbage_policy(conversation: str) -> str:

@@ -32,8 +32,6 @@ from .envs.base import PromptStyle, TaskSpec
 
 
 EVAL_RESULTS_NAME = "eval_results.json"
-EVAL_FORMAT = "trl_epo.eval_results"
-EVAL_SCHEMA_VERSION = 1
 DEFAULT_MAX_TURNS = {"toy": 15, "sciworld": 30, "alfworld": 50}  # paper: 30 ScienceWorld, 50 ALFWorld
 
 
@@ -164,7 +162,7 @@ def evaluate(
         return_episodes: include one compact record per episode under ``"episodes"``.
 
     Returns:
-        A JSON-serialisable dict (schema `trl_epo.eval_results` v1, one per (env, split)):
+        A JSON-serialisable dict (`save_eval_results` stores it for the model card, see `to_eval_result`):
 
         ``env``, ``split``, ``model``: what was evaluated.
         ``num_episodes`` (int, all seeds together), ``num_tasks`` (distinct tasks per seed), ``seeds`` (list of int),
@@ -252,8 +250,6 @@ def evaluate(
 
     result = summarize_episodes(records, confidence)
     result = {
-        "format": EVAL_FORMAT,
-        "schema_version": EVAL_SCHEMA_VERSION,
         "env": entry.name,
         "split": split,
         "model": model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
@@ -357,50 +353,54 @@ def _progress(total: int, desc: str, enabled: bool):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def read_eval_results(path: str) -> dict[str, Any]:
-    """Read an `eval_results.json` (a missing file reads as an empty result list).
+def to_eval_result(result: dict[str, Any]):
+    """The model-card entry (`trl_epo.hub.EvalResult`) of an `evaluate` result: the headline numbers as fields, the
+    rest (invalid-turn rate, per-task and per-seed results, settings, timing) under ``extra``."""
+    from .hub import EvalResult
 
-    The file is ``{"format": "trl_epo.eval_results", "schema_version": 1, "results": [result, ...]}`` where each
-    result is an `evaluate` dict without its ``episodes``; there is at most one result per (env, split, model
-    settings key), the newest.
-    """
-    if not os.path.exists(path):
-        return {"format": EVAL_FORMAT, "schema_version": EVAL_SCHEMA_VERSION, "results": []}
-    with open(path) as f:
-        data = json.load(f)
-    if data.get("format") != EVAL_FORMAT or not isinstance(data.get("results"), list):
-        raise ValueError(f"{path} is not a trl_epo eval results file (format {EVAL_FORMAT!r} with a 'results' list).")
-    return data
+    headline = {"env", "split", "model", "success_rate", "num_episodes", "success_ci", "seeds", "mean_turns",
+                "episodes", "format", "schema_version"}
+    low, high = result.get("success_ci") or (None, None)
+    return EvalResult(
+        env=result["env"],
+        split=result["split"],
+        success_rate=float(result["success_rate"]),
+        episodes=int(result.get("num_episodes", 0)),
+        ci_low=low,
+        ci_high=high,
+        seeds=list(result.get("seeds") or []) or None,
+        temperature=(result.get("settings") or {}).get("temperature"),
+        mean_turns=result.get("mean_turns"),
+        model=result.get("model") or None,
+        extra={k: v for k, v in result.items() if k not in headline},
+    )
 
 
 def save_eval_results(result: dict[str, Any], path: str) -> str:
-    """Add (or replace) one `evaluate` result in the `eval_results.json` at ``path`` (a file or a directory).
+    """Add (or replace) one `evaluate` result in the `eval_results.json` at ``path`` (a file or a directory), the
+    file the model card reads (`trl_epo.hub`'s format: an entry per (env, split, model), the newest wins).
 
-    A result replaces an older one with the same env, split, temperature and seeds. Per-episode records, when present,
-    are written next to it as ``eval_episodes_<env>_<split>.jsonl``. Returns the path of the JSON file.
+    Per-episode records, when present, are written next to it as ``eval_episodes_<env>_<split>.jsonl``. Returns the
+    path of the JSON file.
     """
-    from .trainer import write_json_atomic
+    from .hub import save_eval_results as save_for_card
 
     if os.path.isdir(path) or path.endswith(os.sep):
         path = os.path.join(path, EVAL_RESULTS_NAME)
-    summary = {k: v for k, v in result.items() if k != "episodes"}
-    data = read_eval_results(path)
-    key = _result_key(summary)
-    data["results"] = [r for r in data["results"] if _result_key(r) != key] + [summary]
-    write_json_atomic(path, data)
+    file = save_for_card(to_eval_result(result), path)
     if result.get("episodes") is not None:
-        episodes_path = os.path.join(
-            os.path.dirname(path) or ".", f"eval_episodes_{summary['env']}_{summary['split']}.jsonl"
-        )
+        episodes_path = os.path.join(os.path.dirname(file) or ".", f"eval_episodes_{result['env']}_{result['split']}.jsonl")
         with open(episodes_path, "w") as f:
             for record in result["episodes"]:
                 f.write(json.dumps(record) + "\n")
-    return path
+    return file
 
 
-def _result_key(result: dict[str, Any]) -> tuple:
-    settings = result.get("settings", {})
-    return (result.get("env"), result.get("split"), settings.get("temperature"), tuple(result.get("seeds", ())))
+def read_eval_results(path: str):
+    """The `trl_epo.hub.EvalResult` entries of an `eval_results.json` (a file or its folder; [] when absent)."""
+    from .hub import load_eval_results
+
+    return load_eval_results(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

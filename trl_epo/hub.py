@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .evaluation import wilson_interval
+
 
 EVAL_RESULTS_NAME = "eval_results.json"
 EVAL_RESULTS_FORMAT = "trl_epo.eval_results/1"
@@ -123,17 +125,6 @@ class EvalResult:
     @property
     def key(self) -> tuple:
         return (self.env, self.split, self.model)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% by default)."""
-    if n <= 0:
-        raise ValueError("n must be >= 1.")
-    p = successes / n
-    denominator = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def _eval_path(path: str) -> str:

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -110,25 +111,40 @@ def _worker_main(fd: int, parent_pid: int) -> None:
         conn.close()
 
 
+_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, sys.argv[3]); "
+    "from trl_epo.envs.pool import _worker_main; _worker_main(int(sys.argv[1]), int(sys.argv[2]))"
+)
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 class _Worker:
     """A worker process: a fresh interpreter (no re-import of the trainer's __main__, no fork of its threads) in its
-    own session/process group, talking over a socket pair."""
+    own session/process group, talking over a socket pair. It imports this very `trl_epo` (not whatever another
+    checkout in the working directory holds) and sees the parent's import path. Its stderr goes to a temporary file
+    whose tail is quoted when the worker dies."""
 
     def __init__(self, factory_bytes: bytes):
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ)
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.stderr = tempfile.TemporaryFile()
+        self.stderr_tail_after_kill = ""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trl_epo.envs._worker", str(child_sock.fileno()), str(os.getpid())],
+            [sys.executable, "-c", _BOOTSTRAP, str(child_sock.fileno()), str(os.getpid()), _PACKAGE_ROOT],
             pass_fds=(child_sock.fileno(),),
             start_new_session=True,
             env=env,
             stdin=subprocess.DEVNULL,
+            stderr=self.stderr,
         )
         child_sock.close()
         self.conn = Connection(parent_sock.detach())
-        self.conn.send_bytes(factory_bytes)  # the worker answers its first command once the factory is loaded
+        try:
+            self.conn.send_bytes(factory_bytes)  # the worker answers its first command once the factory is loaded
+        except (OSError, EOFError, BrokenPipeError):
+            pass  # it died at start: the first command reports it, with its stderr
 
     @property
     def pid(self) -> int:
@@ -136,6 +152,17 @@ class _Worker:
 
     def is_alive(self) -> bool:
         return self.process.poll() is None
+
+    def stderr_tail(self, limit: int = 1500) -> str:
+        """The end of what the worker wrote to stderr (empty when nothing)."""
+        try:
+            self.stderr.seek(0, os.SEEK_END)
+            size = self.stderr.tell()
+            self.stderr.seek(max(0, size - limit))
+            text = self.stderr.read().decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            return ""
+        return f" Worker stderr (end): {text}" if text else ""
 
     def kill(self) -> None:
         for target in (lambda: os.killpg(self.process.pid, signal.SIGKILL), self.process.kill):
@@ -148,6 +175,9 @@ class _Worker:
         except subprocess.TimeoutExpired:  # pragma: no cover
             pass
         self.conn.close()
+        if not self.stderr.closed:
+            self.stderr_tail_after_kill = self.stderr_tail()
+            self.stderr.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -287,8 +317,8 @@ class EnvPool:
             try:
                 worker.conn.send((command, payload))
             except (OSError, EOFError, BrokenPipeError):
-                self._discard_worker(slot)
-                results[index] = self._fail("worker_died", "env worker died (could not send the command)")
+                tail = self._discard_worker(slot)
+                results[index] = self._fail("worker_died", f"env worker died (could not send the command).{tail}")
                 continue
             pending[worker.conn] = (index, slot)
         deadline = time.monotonic() + timeout
@@ -305,8 +335,8 @@ class EnvPool:
                 try:
                     status, value = conn.recv()
                 except (EOFError, OSError, pickle.UnpicklingError):
-                    self._discard_worker(slot)
-                    results[index] = self._fail("worker_died", f"env worker died during {command}")
+                    tail = self._discard_worker(slot)
+                    results[index] = self._fail("worker_died", f"env worker died during {command}.{tail}")
                     continue
                 if status == "ok":
                     results[index] = value
@@ -314,10 +344,15 @@ class EnvPool:
                     results[index] = self._fail("env_exceptions", f"env raised during {command}: {value}")
         return results  # type: ignore[return-value]
 
-    def _discard_worker(self, slot: int) -> None:
+    def _discard_worker(self, slot: int) -> str:
+        """Kill the slot's worker (and its process group); returns the tail of its stderr for error messages."""
         worker, self._workers[slot] = self._workers[slot], None
-        if worker is not None:
-            worker.kill()
+        if worker is None:
+            return ""
+        worker.kill()  # first, so that its stderr is complete
+        return worker.stderr_tail_after_kill
+
+
 
     def _call_env(self, command: str, slot: int, payload: Any) -> StepResult:
         env = self._envs[slot]
