@@ -13,10 +13,21 @@ from datasets import Dataset  # noqa: E402
 
 from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
+# The ALFWorld game fixtures (real_root, generated_root, generated), prepared lazily once per session.
+pytest_plugins = ["alfworld_testdata"]
+
 
 # One intra-op thread: tiny models gain nothing from two on 2 cores, and under load (env workers, JVMs,
 # a second process) OpenMP spin-waiting made two threads 10-30x slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread and leaves it so (benchmarks and example scripts set their own count)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from alfworld_testdata import generated, generated_root, real_root, small_game_task  # noqa: F401 - fixtures
-from trl_epo.envs import AlfWorldEnv, EnvPool, StepResult, TaskSpec, TextEnv
+from alfworld_testdata import small_game_task
+from trl_epo.envs import AlfWorldEnv, EnvPool, StepResult, TextEnv
 from trl_epo.envs.alfworld import (
     expert_episode,
     expert_sft_dataset,

@@ -8,7 +8,6 @@ import random
 
 import pytest
 
-from alfworld_testdata import generated, generated_root, real_root  # noqa: F401 - fixtures
 from trl_epo.envs.alfworld_engine import (
     CompiledGameCache,
     new_engine,

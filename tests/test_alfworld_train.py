@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from alfworld_testdata import REPO_ROOT, generated_root  # noqa: F401 - fixture
+from alfworld_testdata import REPO_ROOT
 from scripted import ScriptedLM
 from trl_epo.envs.alfworld import AlfWorldEnv, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig

@@ -31,13 +31,6 @@ def load_benchmark(name):
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # the benchmarks set their own thread count
-
-
 def test_bench_loss_tiny(tmp_path):
     bench = load_benchmark("bench_loss")
     result = bench.main(["--tiny", "--output", str(tmp_path / "loss.json")])

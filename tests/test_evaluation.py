@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from trl_epo.evaluation import (
     EVAL_RESULTS_NAME,
@@ -21,15 +20,6 @@ from trl_epo.evaluation import (
 from scripted import ScriptedLM
 from test_rollout import garbage_policy
 from toy_solver import toy_solver
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run fastest on one intra-op thread, and far faster on a shared (loaded) machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_wilson_interval_on_known_counts():

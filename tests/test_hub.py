@@ -34,14 +34,6 @@ sys.path.insert(0, os.path.join(REPO, "examples"))
 from train_toy import build_trainer, make_parser  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class HubBoundary:
     """Stands in for the Hub's HTTP API: records the calls and copies what `upload_folder` would upload."""
 

@@ -32,15 +32,6 @@ COMMON = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~10x faster than two (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_trainer(tmp_path, *flags):
     script_args, training_args, model_args = make_parser().parse_args_and_config(
         args=[*COMMON, "--output_dir", str(tmp_path / "run"), *flags]

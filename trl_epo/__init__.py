@@ -23,9 +23,9 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import EPOConfig
-    from .objective import EntropyReference, corridor_penalty, phase_weight, trajectory_mean, trajectory_weights
-    from .trainer import EPOTrainer
+    from .config import EPOConfig  # noqa: F401
+    from .objective import EntropyReference, corridor_penalty, phase_weight, trajectory_mean, trajectory_weights  # noqa: F401
+    from .trainer import EPOTrainer  # noqa: F401
 
 
 def __getattr__(name):

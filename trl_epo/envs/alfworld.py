@@ -46,7 +46,6 @@ from .alfworld_engine import (
     CompiledGameCache,
     canonical_task_type,
     new_engine,
-    read_game,
 )
 from .alfworld_expert import ExpertError, SceneFacts, expert_plan
 from .base import ActionFormat, PromptStyle, StepResult, TaskSpec, task_rows

@@ -178,7 +178,7 @@ def expert_actions(task: TaskSpec | Mapping[str, Any]) -> list[str]:
     spec = TaskSpec.from_row(task)
     env = ToyEnv()
     env.reset(spec)
-    actions = [f"go east"] * env.item_room + [f"take {env.item}"]
+    actions = ["go east"] * env.item_room + [f"take {env.item}"]
     if spec.task == "open-door":
         actions += ["go east"] * (env.num_rooms - 1 - env.item_room) + ["open door"]
     else:
