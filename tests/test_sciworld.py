@@ -13,29 +13,20 @@ import time
 
 import pytest
 
-
-pytest.importorskip("scienceworld", reason="the scienceworld package is not installed (pip install 'trl-epo[sciworld]')")
+import sciworld_required  # noqa: F401  (skips this module without scienceworld or Java)
 import psutil  # noqa: E402  (a dependency of accelerate)
 
 from trl_epo.envs import ActionFormat, EnvPool, StepResult, TaskSpec  # noqa: E402
 from trl_epo.envs.sciworld import (  # noqa: E402
     HELD_OUT_TASK_TYPES,
-    JavaNotFoundError,
     ScienceWorldEnv,
     expert_sft_dataset,
     enable_assistant_masks,
-    find_java,
     make_dataset,
     make_tasks,
     split_pairs,
     to_prompt_completion,
 )
-
-
-try:
-    find_java()
-except JavaNotFoundError:  # pragma: no cover - depends on the machine
-    pytest.skip("Java is not installed (apt-get install -y openjdk-17-jre-headless)", allow_module_level=True)
 
 
 def task(name, variation=0, **extra):

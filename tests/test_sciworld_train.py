@@ -2,11 +2,7 @@
 
 import functools
 
-import pytest
-
-
-pytest.importorskip("scienceworld", reason="the scienceworld package is not installed (pip install 'trl-epo[sciworld]')")
-
+import sciworld_required  # noqa: F401  (skips this module without scienceworld or Java)
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
@@ -14,18 +10,10 @@ from conftest import base_config_kwargs  # noqa: E402
 from trl_epo import EPOConfig, EPOTrainer  # noqa: E402
 from trl_epo.envs import ActionFormat, PromptStyle  # noqa: E402
 from trl_epo.envs.sciworld import (  # noqa: E402
-    JavaNotFoundError,
     ScienceWorldEnv,
-    find_java,
     make_dataset,
 )
 from trl_epo.rollout import MultiTurnRollout  # noqa: E402
-
-
-try:
-    find_java()
-except JavaNotFoundError:  # pragma: no cover - depends on the machine
-    pytest.skip("Java is not installed (apt-get install -y openjdk-17-jre-headless)", allow_module_level=True)
 
 
 INSTRUCTION = "You are an agent in ScienceWorld. Give one command inside {example}."
