@@ -51,6 +51,9 @@ class BenchRolloutArguments:
     max_turns: int = field(default=8, metadata={"help": "Turns per episode."})
     max_turn_tokens: int = field(default=32, metadata={"help": "New tokens per answer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the model policy."})
+    reuse_kv_cache: bool = field(
+        default=True, metadata={"help": "Model policy: continue each turn from the last turn's KV cache."}
+    )
     model: str | None = field(default=None, metadata={"help": "A saved model directory (default: tiny random)."})
     hidden_size: int = field(default=128, metadata={"help": "Width of the tiny random model."})
     num_layers: int = field(default=2, metadata={"help": "Depth of the tiny random model."})
@@ -142,7 +145,7 @@ def measure(env_name, tasks, factory, policy, pool_size, backend, model, tokeniz
     def generator():
         if policy == "model":
             return ModelGenerator(model, tokenizer, temperature=args.temperature, max_completion_length=1 << 20,
-                                  progress_bar=False)
+                                  progress_bar=False, reuse_kv_cache=args.reuse_kv_cache)
         return RandomValidGenerator(tokenizer, seed=args.seed)
 
     try:
@@ -183,6 +186,7 @@ def measure(env_name, tasks, factory, policy, pool_size, backend, model, tokeniz
         "share_env": stats["time_env"] / total,
         "share_other": stats["time_other"] / total,
         "invalid_turn_rate": stats["invalid_turn_rate"],
+        "refeed_ratio": stats["refeed_ratio"],
         "success_rate": stats["success_rate"],
     }
 
@@ -239,17 +243,18 @@ def report(result: dict) -> str:
     lines = [
         f"policy model: {result['model']} ({result['parameters'] / 1e6:.2f}M params); "
         f"{result['settings']['num_episodes']} episodes x <= {result['settings']['max_turns']} turns; load average "
-        f"{result['load_average_start']} -> {result['load_average_end']} on {result['cpu_count']} CPUs",
+        f"{result['load_average_start']} -> {result['load_average_end']} on {result['cpu_count']} CPUs; KV-cache reuse "
+        f"{'on' if result['settings'].get('reuse_kv_cache', True) else 'off'}",
         "| env | policy | backend | workers | episodes/s | env steps/s | gen tokens/s (wall) | gen tokens/s "
-        "(generate) | generate / env / other | invalid turns | start-up s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "(generate) | generate / env / other | invalid turns | tokens fed / final tokens | start-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['env']} | {r['policy']} | {r['backend']} | {r['pool_size']} | {r['episodes_per_s']:.2f} | "
             f"{r['env_steps_per_s']:.1f} | {r['generated_tokens_per_s']:.0f} | {r['generated_tokens_per_generate_s']:.0f}"
             f" | {100 * r['share_generate']:.0f}% / {100 * r['share_env']:.0f}% / {100 * r['share_other']:.0f}% | "
-            f"{r['invalid_turn_rate']:.2f} | {r['startup_s']:.1f} |"
+            f"{r['invalid_turn_rate']:.2f} | {r['refeed_ratio']:.2f} | {r['startup_s']:.1f} |"
         )
     for name, reason in result["skipped"].items():
         lines.append(f"skipped {name}: {reason}")

@@ -184,6 +184,14 @@ class EPOConfig(GRPOConfig):
             "help": "Write every episode's transcript to <output_dir>/_rollouts/*.jsonl (not uploaded by push_to_hub)."
         },
     )
+    env_reuse_kv_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With HF generate (not vLLM) and full contexts (env_history_turns=None), continue each turn from "
+            "the previous turn's KV cache instead of re-encoding the whole conversation. Sampling is unchanged; it is "
+            "skipped automatically where it could not be exact (repetition penalty, non-dynamic caches)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()

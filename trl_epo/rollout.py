@@ -63,6 +63,8 @@ class RolloutConfig:
             same time on this process; default: all episodes of a generation batch).
         log_dir: where to write every episode's transcript as JSON lines (None: do not write).
         progress_bar: show a tqdm bar over turns (main process only).
+        reuse_kv_cache: with HF `generate` and full contexts, continue each turn from the last turn's KV cache
+            instead of re-encoding the conversation (`ModelGenerator`); sampling is unchanged.
     """
 
     max_turns: int = 30
@@ -79,6 +81,7 @@ class RolloutConfig:
     step_timeout: float = 60.0
     log_dir: str | None = None
     progress_bar: bool = True
+    reuse_kv_cache: bool = True
 
     def __post_init__(self):
         if self.max_turns < 1:
@@ -121,6 +124,7 @@ class RolloutConfig:
             step_timeout=args.env_step_timeout,
             log_dir=log_dir,
             progress_bar=not args.disable_tqdm,
+            reuse_kv_cache=args.env_reuse_kv_cache,
         )
 
 
@@ -398,7 +402,7 @@ class MultiTurnRollout:
             outputs = generator.generate(contexts, limits)
             timer["generate"] += time.perf_counter() - t0
             counters["generate_calls"] += 1 if contexts else 0
-            counters["tokens_fed"] += sum(len(c) for c in contexts)
+            counters["tokens_fed"] += getattr(generator, "tokens_fed", sum(len(c) for c in contexts))
 
             to_step = []
             for e, (ids, logprobs) in zip(live, outputs):
@@ -578,12 +582,19 @@ class ModelGenerator:
         tokenizer: its tokenizer (pad and eos tokens set).
         generation_config: a `transformers.GenerationConfig`; by default sampling at `temperature`.
         max_completion_length: the default completion-token budget of an episode.
+        reuse_kv_cache: keep the KV cache of the last call and, when every new context extends one of its rows (the
+            full-context conversation: context + kept answer + observation), feed only the new tokens (see
+            `_CacheState`). Off, or when the contexts do not extend the last ones (windowed prompts, a new wave),
+            every call encodes its contexts from scratch.
     """
 
     returns_logprobs = False
+    reuse_kv_cache = True
+    tokens_fed = 0  # context tokens the last call fed to the model (the new tokens only, when the cache was reused)
+    _cache_state = None
 
     def __init__(self, model, tokenizer, generation_config=None, temperature: float = 1.0,
-                 max_completion_length: int = 4096, progress_bar: bool = True):
+                 max_completion_length: int = 4096, progress_bar: bool = True, reuse_kv_cache: bool = True):
         from transformers import GenerationConfig
 
         self.model = model
@@ -599,6 +610,7 @@ class ModelGenerator:
         )
         self.default_budget = max_completion_length
         self.show_progress = progress_bar
+        self.reuse_kv_cache = reuse_kv_cache
         self._model = None
         self._stack = None
 
@@ -615,6 +627,7 @@ class ModelGenerator:
         return self
 
     def __exit__(self, *exc):
+        self._cache_state = None  # the weights change before the next rollout
         stack, self._stack, self._model = self._stack, None, None
         if stack is not None:
             stack.close()
@@ -645,28 +658,130 @@ class ModelGenerator:
             raise RuntimeError("Use the generator as a context manager around the rollout (`with generator:`).")
         dummy = not contexts  # keep collectives aligned when this process has nothing left to generate
         if dummy:
+            self._cache_state = None
             if not self.synced:
                 return []
             contexts, limits = [[self.pad_token_id]], [1]
-        tensors = [torch.tensor(ids) for ids in contexts]
-        input_ids = pad(tensors, padding_value=self.pad_token_id, padding_side="left").to(self.device)
-        attention_mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left")
         generation_config = copy.deepcopy(self.generation_config)
         generation_config.max_new_tokens = max(limits)
+        keep_cache = not dummy and self.reuse_kv_cache and _cache_reuse_is_exact(generation_config)
+        state, self._cache_state = self._cache_state, None  # a stale cache is freed before this call allocates
+        reuse = state.extend(contexts, self.pad_token_id, self.device) if keep_cache and state is not None else None
+        if reuse is not None:
+            input_ids, attention_mask, cache, self.tokens_fed = reuse
+        else:
+            tensors = [torch.tensor(ids) for ids in contexts]
+            input_ids = pad(tensors, padding_value=self.pad_token_id, padding_side="left").to(self.device)
+            attention_mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left")
+            attention_mask, cache, self.tokens_fed = attention_mask.to(self.device), None, sum(map(len, contexts))
+        del state
+        if keep_cache:
+            generation_config.return_dict_in_generate = True
         output = self._model.generate(
-            input_ids=input_ids, attention_mask=attention_mask.to(self.device), generation_config=generation_config
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+            generation_config=generation_config,
         )
+        sequences = output.sequences if hasattr(output, "sequences") else output
         if dummy:
+            self.tokens_fed = 0
             return []
         results = []
-        for ids, limit in zip(output[:, input_ids.size(1) :].tolist(), limits):
+        for ids, limit in zip(sequences[:, input_ids.size(1) :].tolist(), limits):
             cut = ids[:limit]
             for i, token in enumerate(cut):
                 if token in self.eos_token_ids:
                     cut = cut[: i + 1]
                     break
             results.append((cut, None))
+        if keep_cache:
+            self._cache_state = _CacheState.build(
+                output.past_key_values, sequences, attention_mask, contexts, [ids for ids, _ in results]
+            )
         return results
+
+
+def _cache_reuse_is_exact(generation_config) -> bool:
+    """Whether continuing from a cache with masked holes samples exactly like encoding the contexts afresh: no logits
+    processor may look at the raw `input_ids` (which then contain the holes' tokens), and the cache must be the
+    default dynamic one."""
+    get = lambda name: getattr(generation_config, name, None)  # noqa: E731  (fields come and go across versions)
+    return (
+        get("use_cache") is not False
+        and get("cache_implementation") in (None, "dynamic")
+        and get("repetition_penalty") in (None, 1.0)
+        and get("encoder_repetition_penalty") in (None, 1.0)
+        and not get("no_repeat_ngram_size")
+        and get("bad_words_ids") is None
+        and get("sequence_bias") is None
+        and (get("num_beams") or 1) == 1
+        and (get("num_return_sequences") or 1) == 1
+        and get("prompt_lookup_num_tokens") is None
+        and get("penalty_alpha") is None
+        and get("dola_layers") is None
+    )
+
+
+class _CacheState:
+    """The KV cache of the last batched `generate` call and the row layout it was computed on, so that the next
+    turn of a full-context conversation feeds only its new tokens instead of re-encoding the whole conversation.
+
+    Row r of the last call holds `[left padding][context_r][generated_r]`; the episode kept `answer_r`, a prefix of
+    `generated_r` (cut at its end-of-turn token or its limit). Its next context is `context_r + answer_r + suffix`
+    (observation and the next generation prompt). The next call's row is the old row followed by the left-padded
+    suffix, with attention mask 0 on every position the fresh encoding would not contain (the padding, the generated
+    tokens after `answer_r`, the suffix padding): position ids come from the mask (HF `generate` takes them from its
+    cumulative sum), so each real token sees the same tokens at the same positions as when encoded afresh; the
+    logits agree to float rounding (tested). Only plain `DynamicCache` layers qualify: a sliding window or a
+    recurrent layer would count the holes.
+    """
+
+    def __init__(self, cache, rows: list[list[int]], masks: list[list[int]], prefixes: list[list[int]]):
+        self.cache, self.rows, self.masks, self.prefixes = cache, rows, masks, prefixes
+
+    @classmethod
+    def build(cls, cache, sequences, attention_mask, contexts, answers) -> _CacheState | None:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        width = sequences.size(1)
+        if not (isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)):
+            return None
+        if cache.get_seq_length() != width - 1:  # the last sampled token is never fed: the cache holds the rest
+            return None
+        rows = sequences.tolist()
+        input_width = attention_mask.size(1)
+        masks = []
+        for mask, answer in zip(attention_mask.tolist(), answers):
+            masks.append(mask + [1] * len(answer) + [0] * (width - input_width - len(answer)))
+        return cls(cache, rows, masks, [list(c) + list(a) for c, a in zip(contexts, answers)])
+
+    def extend(self, contexts, pad_token_id: int, device):
+        """Inputs that continue this cache for `contexts` (input ids, attention mask, cache, new tokens fed), or None
+        when some context does not extend a row of the last call (in order: rows of finished episodes drop out), or
+        when the holes would outweigh the tokens (re-encoding then compacts the rows)."""
+        matched, j = [], 0
+        for context in contexts:
+            while j < len(self.prefixes) and not (
+                len(context) > len(self.prefixes[j]) and context[: len(self.prefixes[j])] == self.prefixes[j]
+            ):
+                j += 1
+            if j == len(self.prefixes):
+                return None
+            matched.append(j)
+            j += 1
+        suffixes = [context[len(self.prefixes[r]) :] for context, r in zip(contexts, matched)]
+        width = len(self.rows[0]) + max(map(len, suffixes))
+        if width > 2 * max(map(len, contexts)):
+            return None
+        if matched != list(range(len(self.rows))):
+            self.cache.batch_select_indices(torch.tensor(matched, device=device))
+        input_ids, attention_mask = [], []
+        for r, suffix in zip(matched, suffixes):
+            fill = width - len(self.rows[r]) - len(suffix)
+            input_ids.append(self.rows[r] + [pad_token_id] * fill + suffix)
+            attention_mask.append(self.masks[r] + [0] * fill + [1] * len(suffix))
+        fed = sum(len(suffix) + 1 for suffix in suffixes)  # + the last token of each old row, never fed before
+        as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # noqa: E731
+        return as_tensor(input_ids), as_tensor(attention_mask), self.cache, fed
 
 
 class TrainerGenerator(ModelGenerator):
@@ -685,6 +800,7 @@ class TrainerGenerator(ModelGenerator):
         self.returns_logprobs = bool(trainer.use_vllm)
         self.default_budget = trainer.max_completion_length
         self.show_progress = True
+        self.reuse_kv_cache = config.reuse_kv_cache
         self._model = None
         self._stack = None
 
@@ -737,6 +853,7 @@ class TrainerGenerator(ModelGenerator):
 
     def _generate_vllm(self, contexts, limits):
         backend = self.trainer.vllm_generation
+        self.tokens_fed = sum(map(len, contexts))  # what vLLM's prefix cache spares is not visible here
         saved = backend.max_completion_length
         backend.max_completion_length = max(limits) if limits else 1
         try:
