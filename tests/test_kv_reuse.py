@@ -101,7 +101,7 @@ def test_contexts_that_do_not_extend_the_last_call_are_encoded_afresh(tokenizer,
     assert gen._cache_state is None  # leaving the rollout drops the cache (the weights change)
 
 
-@pytest.mark.parametrize("setting", [{"repetition_penalty": 1.3}, {"cache_implementation": "static"}])
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 1.3}, {"cache_implementation": "static"}, {"min_length": 2}])
 def test_reuse_is_skipped_where_it_could_not_be_exact(tokenizer, make_model, setting):
     from transformers import GenerationConfig
 

@@ -718,6 +718,8 @@ def _cache_reuse_is_exact(generation_config) -> bool:
         and get("prompt_lookup_num_tokens") is None
         and get("penalty_alpha") is None
         and get("dola_layers") is None
+        and not get("min_length")  # an absolute length would count the holes (min_new_tokens is fine)
+        and get("watermarking_config") is None
     )
 
 
