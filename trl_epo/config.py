@@ -189,7 +189,9 @@ class EPOConfig(GRPOConfig):
         metadata={
             "help": "With HF generate (not vLLM) and full contexts (env_history_turns=None), continue each turn from "
             "the previous turn's KV cache instead of re-encoding the whole conversation. Sampling is unchanged; it is "
-            "skipped automatically where it could not be exact (repetition penalty, non-dynamic caches)."
+            "skipped automatically where it could not be exact (repetition penalty, non-dynamic caches). The cache is "
+            "kept between turns and, with its masked holes, may grow to 2x a fresh encoding's before it is rebuilt; "
+            "turn it off if generation memory is tight."
         },
     )
 
