@@ -128,19 +128,20 @@ BAD_ACTIONS = [
     "ドアを開ける 🚪 ouvrir la porte ﷺ \u202e\u0000",
     "<action></action>",
     "<action>go to bed 1</action>",
-    "; rm -rf / && echo $(whoami) `id` | cat /etc/passwd > /tmp/pwned",
+    "; rm -rf / && echo $(whoami) `id` | cat /etc/passwd > {marker}",  # {marker}: a file in the test's tmp_path
     "__import__('os').system('echo pwned')",
     "{r.name} #intro# [x]",
 ]
 
 
-def test_bad_actions_get_feedback_and_are_flagged(generated_root):
+def test_bad_actions_get_feedback_and_are_flagged(generated_root, tmp_path):
+    marker = tmp_path / "pwned"
     env = AlfWorldEnv(data_root=generated_root)
     try:
         row = small_game_task(generated_root)
         first = env.reset(row)
         for action in BAD_ACTIONS:
-            result = env.step(action)
+            result = env.step(action.replace("{marker}", str(marker)))
             assert isinstance(result, StepResult)
             assert result.observation == "Nothing happens."
             assert result.info["invalid_action"] is True
@@ -154,7 +155,7 @@ def test_bad_actions_get_feedback_and_are_flagged(generated_root):
         assert env.turns == len(BAD_ACTIONS) + len(env.expert_actions())
     finally:
         env.close()
-    assert not os.path.exists("/tmp/pwned")
+    assert not marker.exists()
 
 
 def test_actions_are_matched_case_and_space_insensitively(generated_root):
