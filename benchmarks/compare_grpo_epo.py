@@ -109,7 +109,7 @@ class CompareArguments:
 
 
 def prompt_style(args: CompareArguments):
-    from trl_epo.envs.base import PromptStyle
+    from trl_epo.envs.prompting import PromptStyle
 
     return PromptStyle(show_admissible_actions=args.show_admissible_actions)
 
@@ -117,26 +117,21 @@ def prompt_style(args: CompareArguments):
 def expert_conversation(task, style=None) -> list[dict[str, str]]:
     """The conversation the rollout would record if the model answered every turn with the expert action, as
     `<action>...</action>` (same system message, first user message and observation texts as `MultiTurnRollout`)."""
-    from trl_epo.envs.base import ActionFormat, PromptStyle
+    from trl_epo.envs.prompting import PromptStyle, expert_conversation as conversation
     from trl_epo.envs.toy import ToyEnv, expert_actions
 
-    style = style or PromptStyle()
-    fmt = ActionFormat()
     env = ToyEnv()
     result = env.reset(task)
-    messages = [m for m in [style.system_message(fmt)] if m]
-    messages.append(
-        {"role": "user", "content": style.first_user_message(result.info.get("task_description", ""), result, fmt)}
-    )
+    description = result.info.get("task_description", "")
+    steps = []
     for action in expert_actions(task):
-        messages.append({"role": "assistant", "content": fmt.example(action)})
+        steps.append((result, action))
         result = env.step(action)
         if result.done:
             break
-        messages.append({"role": "user", "content": style.observation_text(result)})
     if not result.won:  # pragma: no cover - expert_actions is a solution by construction
         raise RuntimeError(f"The expert did not solve {task}.")
-    return messages
+    return conversation(style or PromptStyle(), description, steps)
 
 
 def sft_rows(conversations) -> dict[str, list]:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from trl_epo.envs.base import PromptStyle
+from trl_epo.envs.prompting import PromptStyle
 from trl_epo.envs.toy import ToyEnv, expert_actions, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from trl_epo import EPOConfig, EPOTrainer
-from trl_epo.envs.base import ActionFormat, PromptStyle, TaskSpec
+from trl_epo.envs.base import ActionFormat, TaskSpec
+from trl_epo.envs.prompting import PromptStyle
 from trl_epo.envs.toy import FaultyToyEnv, ToyEnv, make_dataset, make_tasks
 from trl_epo.rollout import MultiTurnRollout, ModelGenerator, RolloutConfig
 
@@ -91,7 +92,7 @@ def test_sequences_masks_and_turn_ids_are_exact(tokenizer, make_model):
         assert len(env_runs) == e.turns - 1  # no observation after the last answer
         for turn, (s, t) in enumerate(env_runs):
             action = e.actions[turn]
-            observation = style.observation_text(env.step(action)) if action is not None else style.invalid_text(fmt)
+            observation = style.observation_text(env.step(action)) if action is not None else style.invalid_text()
             closed = outputs[turn][-1] == eos
             head = "" if closed else "<|im_end|>"
             expected = f"{head}\n<|im_start|>user\n"

@@ -8,7 +8,7 @@ import torch  # noqa: E402
 
 from conftest import base_config_kwargs  # noqa: E402
 from trl_epo import EPOConfig, EPOTrainer  # noqa: E402
-from trl_epo.envs import ActionFormat, PromptStyle  # noqa: E402
+from trl_epo.envs import PromptStyle  # noqa: E402
 from trl_epo.envs.sciworld import (  # noqa: E402
     ScienceWorldEnv,
     make_dataset,
@@ -23,16 +23,15 @@ def teach_one_command(model, tokenizer, tasks, factory, command="look around", s
     """A few gradient steps so that the tiny random model answers `<action>command</action>` after ScienceWorld
     prompts of the first two turns (a random model never writes a parsable action, so the env would never be
     stepped). Returns the last loss."""
-    style, fmt = PromptStyle(instruction=INSTRUCTION), ActionFormat()
-    answer_text = fmt.example(command)
+    style = PromptStyle(instruction=INSTRUCTION)
+    answer_text = style.answer_message(command)["content"]
     env = factory()
     contexts = []
     try:
         for spec in tasks:
             first = env.reset(spec)
             second = env.step(command)
-            messages = [style.system_message(fmt),
-                        {"role": "user", "content": style.first_user_message(first.info["task_description"], first, fmt)}]
+            messages = style.first_messages(first.info["task_description"], first)
             contexts.append(messages)
             contexts.append(messages + [{"role": "assistant", "content": answer_text},
                                         {"role": "user", "content": style.observation_text(second)}])

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .envs.base import PromptStyle, TaskSpec
+from .envs.base import TaskSpec
+from .envs.prompting import PromptStyle
 
 
 EVAL_RESULTS_NAME = "eval_results.json"
@@ -207,8 +208,7 @@ def evaluate(
         max_turns=max_turns,
         max_turn_tokens=max_turn_tokens,
         max_episode_tokens=max_episode_tokens,
-        action_tag=action_tag,
-        prompt_style=prompt_style or PromptStyle(),
+        prompt_style=prompt_style or PromptStyle(action_tag=action_tag),
         pool_backend=pool_backend,
         pool_size=batch_size,
         step_timeout=step_timeout,

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from .envs.base import ActionFormat, PromptStyle, StepResult, TaskSpec
+from .envs.base import StepResult, TaskSpec
+from .envs.prompting import INVALID_HISTORY_ACTION, PromptStyle
 from .envs.pool import EnvPool, EnvFactory
 
 
@@ -57,8 +58,7 @@ class RolloutConfig:
         invalid_action_penalty: subtracted from the reward for every invalid turn (the paper's code: 0.1).
         env_error_reward: "zero" (an episode whose env failed gets reward 0) or "exclude" (reward None: TRL gives it
             advantage 0 and leaves it out of its group's baseline).
-        action_tag: the agent answers inside `<action_tag>...</action_tag>`.
-        prompt_style: how observations and the instruction are shown (`PromptStyle`).
+        prompt_style: the prompt (instruction, action tag, observation layout): `PromptStyle`.
         pool_backend / pool_size / step_timeout: the `EnvPool` that steps the envs (pool_size = episodes played at the
             same time on this process; default: all episodes of a generation batch).
         log_dir: where to write every episode's transcript as JSON lines (None: do not write).
@@ -74,7 +74,6 @@ class RolloutConfig:
     reward: str = "success"
     invalid_action_penalty: float = 0.0
     env_error_reward: str = "zero"
-    action_tag: str = "action"
     prompt_style: PromptStyle = field(default_factory=PromptStyle)
     pool_backend: str = "process"
     pool_size: int | None = None
@@ -96,7 +95,6 @@ class RolloutConfig:
             raise ValueError(f"history_turns must be None (full context) or >= 0, got {self.history_turns}.")
         if self.invalid_action_penalty < 0:
             raise ValueError("invalid_action_penalty is subtracted per invalid turn: give a value >= 0.")
-        ActionFormat(self.action_tag)  # validates the tag
 
     @classmethod
     def from_args(cls, args) -> RolloutConfig:
@@ -104,6 +102,7 @@ class RolloutConfig:
         style_kwargs = {
             "show_admissible_actions": args.env_show_admissible_actions,
             "max_observation_chars": args.env_max_observation_chars,
+            "action_tag": args.env_action_tag,
         }
         if args.env_instruction:
             style_kwargs["instruction"] = args.env_instruction
@@ -117,7 +116,6 @@ class RolloutConfig:
             reward=args.env_reward,
             invalid_action_penalty=args.env_invalid_action_penalty,
             env_error_reward=args.env_error_reward,
-            action_tag=args.env_action_tag,
             prompt_style=style,
             pool_backend=args.env_pool_backend,
             pool_size=args.env_pool_size,
@@ -339,11 +337,10 @@ class MultiTurnRollout:
         """Play one episode per task (in waves of at most `pool_size`); returns the episodes and rollout stats."""
         config = self.config
         pool = self._ensure_pool(len(tasks))
-        fmt = ActionFormat(config.action_tag)
-        segments = ChatSegments(tokenizer, config.prompt_style.system_message(fmt))
-        self.block_marker = (
-            segments.block_marker(config.prompt_style.system_message(fmt)) if config.history_turns is not None else None
-        )
+        fmt = config.prompt_style.action_format
+        system = config.prompt_style.system_messages()
+        segments = ChatSegments(tokenizer, system[0] if system else None)
+        self.block_marker = segments.block_marker(system[0] if system else None) if config.history_turns is not None else None
         timer = {"generate": 0.0, "env": 0.0, "total": 0.0}
         counters = {"generate_calls": 0, "tokens_fed": 0, "generated_tokens": 0}
         start = time.perf_counter()
@@ -363,7 +360,6 @@ class MultiTurnRollout:
         budget = config.max_episode_tokens or generator.default_budget
         eos_text = tokenizer.decode([generator.eos_token_ids[0]])
         windowed = config.history_turns is not None
-        system = [m for m in [style.system_message(fmt)] if m]
 
         t0 = time.perf_counter()
         first = pool.reset(list(enumerate(tasks)))
@@ -372,9 +368,8 @@ class MultiTurnRollout:
         timer["env"] += time.perf_counter() - t0
         episodes = []
         for slot, (task, result) in enumerate(zip(tasks, first)):
-            messages = [m for m in [style.system_message(fmt)] if m]
             description = result.info.get("task_description", "")
-            messages.append({"role": "user", "content": style.first_user_message(description, result, fmt)})
+            messages = style.first_messages(description, result)
             episode = Episode(task=task, slot=slot, prompt_ids=segments.prompt(messages), messages=messages)
             episode.description = description
             episode.observation_text = style.observation_text(result)
@@ -417,7 +412,7 @@ class MultiTurnRollout:
                 e.messages.append({"role": "assistant", "content": text})
                 action = fmt.parse(text)
                 e.actions.append(action)
-                e.history.append((e.observation_text, action if action is not None else "(invalid answer)"))
+                e.history.append((e.observation_text, action if action is not None else INVALID_HISTORY_ACTION))
                 e.answer_closed = bool(ids) and ids[-1] in generator.eos_token_ids
                 if action is None:
                     e.invalid_turns += 1
@@ -431,7 +426,7 @@ class MultiTurnRollout:
             for e in live:
                 result: StepResult | None = stepped.get(id(e))
                 if result is None:  # an invalid answer: the env is not stepped, the agent is told
-                    observation = StepResult(observation=style.invalid_text(fmt), info={"invalid_answer": True})
+                    observation = StepResult(observation=style.invalid_text(), info={"invalid_answer": True})
                 elif result.env_error is not None:
                     e.done, e.env_error = True, result.env_error
                     continue
@@ -452,8 +447,7 @@ class MultiTurnRollout:
                 text = style.observation_text(observation)
                 if windowed:  # a fresh prompt: task, the last k (observation, action) pairs, the observation
                     recent = e.history[-config.history_turns :] if config.history_turns else []
-                    content = style.window_user_message(e.description, recent, text, fmt)
-                    ids = segments.prompt(system + [{"role": "user", "content": content}])
+                    ids = segments.prompt(style.window_messages(e.description, recent, text))
                 else:  # the conversation goes on: end of the answer, the observation, the next generation prompt
                     ids = segments.observation(text, closed=e.answer_closed, end_of_turn_text=eos_text)
                 if len(e.completion_ids) + len(ids) >= budget:

@@ -6,8 +6,10 @@ only when that name is used.
 
 from importlib import import_module
 
-from .base import ActionFormat, PromptStyle, StepResult, TaskSpec, TextEnv, parse_action, task_rows
+from .base import ActionFormat, StepResult, TaskSpec, TextEnv, parse_action, task_rows
 from .pool import EnvPool
+from .prompting import PromptStyle
+from .registry import EnvSpec, get_env, register_env
 
 
 _LAZY = {
@@ -20,11 +22,14 @@ _LAZY = {
 __all__ = [
     "ActionFormat",
     "EnvPool",
+    "EnvSpec",
     "PromptStyle",
     "StepResult",
     "TaskSpec",
     "TextEnv",
+    "get_env",
     "parse_action",
+    "register_env",
     "task_rows",
     *_LAZY,
 ]

@@ -48,7 +48,8 @@ from .alfworld_engine import (
     new_engine,
 )
 from .alfworld_expert import ExpertError, SceneFacts, expert_plan
-from .base import ActionFormat, PromptStyle, StepResult, TaskSpec, task_rows
+from .base import StepResult, TaskSpec, task_rows
+from .prompting import PromptStyle, expert_turns
 
 
 ENV_NAME = "alfworld"
@@ -450,7 +451,6 @@ def expert_sft_dataset(
     data_root=None,
     history: int | None = None,
     prompt_style: PromptStyle | None = None,
-    action_format: ActionFormat | None = None,
     max_turns: int = DEFAULT_MAX_TURNS,
     skip_failures: bool = False,
 ):
@@ -477,7 +477,6 @@ def expert_sft_dataset(
     from datasets import Dataset
 
     style = prompt_style or PromptStyle()
-    fmt = action_format or ActionFormat()
     env = AlfWorldEnv(data_root=data_root, max_turns=max_turns)
     columns: dict[str, list] = {"prompt": [], "completion": [], "task": [], "task_type": [], "turn": []}
     try:
@@ -491,27 +490,12 @@ def expert_sft_dataset(
                 raise
             first, _ = steps[0]
             description = first.info.get("task_description", "")
-            system = [m for m in [style.system_message(fmt)] if m]
-            conversation = system + [{"role": "user", "content": style.first_user_message(description, first, fmt)}]
-            shown: list[tuple[str, str]] = []  # (observation text, action) per turn, as the windowed rollout keeps
-            for turn, (result, action) in enumerate(steps[:-1]):
-                text = style.observation_text(result)
-                if turn > 0:
-                    conversation.append({"role": "user", "content": text})
-                if history is None:
-                    prompt = list(conversation)
-                else:
-                    recent = shown[-history:] if history else []
-                    prompt = system + [{"role": "user", "content": style.window_user_message(
-                        description, recent, text, fmt)}]
-                answer = {"role": "assistant", "content": fmt.example(action)}
+            for turn, (prompt, answer) in enumerate(expert_turns(style, description, steps[:-1], history)):
                 columns["prompt"].append(prompt)
                 columns["completion"].append([answer])
                 columns["task"].append(spec.task)
                 columns["task_type"].append(first.info.get("task_type") or "")
                 columns["turn"].append(turn)
-                conversation.append(answer)
-                shown.append((text, action))
     finally:
         env.close()
     return Dataset.from_dict(columns)

@@ -1,4 +1,4 @@
-"""The text-environment protocol, task specs, action parsing and prompt building.
+"""The text-environment protocol, task specs and action parsing (prompts: `trl_epo.envs.prompting`).
 
 This module is light on purpose (standard library only): environment worker processes import it without importing
 torch, transformers or TRL.
@@ -159,79 +159,3 @@ class ActionFormat:
 def parse_action(text: str, tag: str = "action") -> str | None:
     """The action inside the last `<tag>...</tag>` of `text` (None if absent, empty or too long)."""
     return ActionFormat(tag).parse(text)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------------------------------------------------
-
-DEFAULT_INSTRUCTION = (
-    "You are an agent acting in a text environment. Each turn, think briefly about what to do, then give exactly "
-    "one action inside {example}. Prefer actions from the list of available actions when one is given."
-)
-INVALID_ACTION_OBSERVATION = (
-    "Invalid answer: no action found. Answer with exactly one action inside {example}."
-)
-
-
-@dataclass(frozen=True)
-class PromptStyle:
-    """How observations are shown to the agent.
-
-    Attributes:
-        instruction: the system-level instruction (`{example}` is replaced with an example action).
-        use_system_message: put the instruction in a system message (else at the top of the first user message).
-        show_admissible_actions: list the env's admissible actions each turn, when the env gives them.
-        max_admissible_actions: cap on the number of listed actions (long lists are cut, with a note).
-        max_observation_chars: observations longer than this are cut (with a note), to bound the context.
-    """
-
-    instruction: str = DEFAULT_INSTRUCTION
-    use_system_message: bool = True
-    show_admissible_actions: bool = True
-    max_admissible_actions: int = 50
-    max_observation_chars: int = 2000
-
-    def first_user_message(self, task_description: str, result: StepResult, fmt: ActionFormat) -> str:
-        return self.window_user_message(task_description, [], self.observation_text(result), fmt)
-
-    def window_user_message(
-        self, task_description: str, history: Sequence[tuple[str, str]], current: str, fmt: ActionFormat
-    ) -> str:
-        """The user message of a windowed context: the task, the last (observation, action) pairs, and the current
-        observation text (already rendered by `observation_text`)."""
-        parts = []
-        if not self.use_system_message:
-            parts.append(self.instruction.format(example=fmt.example()))
-        if task_description:
-            parts.append(f"Task: {task_description.strip()}")
-        if history:
-            lines = [f"Your last {len(history)} step(s):"]
-            for observation, action in history:
-                lines.append(observation)
-                lines.append(f"Your action: {action}")
-            parts.append("\n".join(lines))
-        parts.append(current)
-        return "\n\n".join(parts)
-
-    def observation_text(self, result: StepResult) -> str:
-        text = (result.observation or "").strip()
-        if len(text) > self.max_observation_chars:
-            text = text[: self.max_observation_chars] + " [...]"
-        parts = [f"Observation: {text}" if text else "Observation: (nothing)"]
-        actions = result.admissible_actions
-        if self.show_admissible_actions and actions:
-            shown = [a for a in actions if a.strip().lower() != "help"]
-            more = len(shown) - self.max_admissible_actions
-            shown = shown[: self.max_admissible_actions]
-            listing = ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
-            parts.append(f"Available actions: {listing}")
-        return "\n".join(parts)
-
-    def system_message(self, fmt: ActionFormat) -> dict[str, str] | None:
-        if not self.use_system_message:
-            return None
-        return {"role": "system", "content": self.instruction.format(example=fmt.example())}
-
-    def invalid_text(self, fmt: ActionFormat) -> str:
-        return INVALID_ACTION_OBSERVATION.format(example=fmt.example())

@@ -25,7 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .base import ActionFormat, PromptStyle, StepResult, TaskSpec, task_rows
+from .base import StepResult, TaskSpec, task_rows
+from .prompting import PromptStyle, expert_conversation, expert_turns
+from .registry import SCIWORLD_INSTRUCTION, get_env
 
 
 try:
@@ -94,21 +96,9 @@ INVALID_REPLY_PREFIXES = (
 AMBIGUOUS_REPLY_PREFIX = "Ambiguous request"
 HIDDEN_TEMPLATES = ("reset task",)  # would restart the episode mid-way: not offered to the agent
 
-SCIWORLD_INSTRUCTION = (
-    "You are an agent in ScienceWorld, a text-based science laboratory. Read the task, then act in the world "
-    "one command at a time to complete it. Commands follow the action templates shown with the task "
-    "(replace OBJ with the name of an object you can see, e.g. 'open door to kitchen', 'pick up thermometer', "
-    "'focus on substance in metal pot'). 'focus on OBJ' is a commitment: focus only on the object the task asks "
-    "about, since focusing on the wrong one fails the task. If the game asks you to choose between numbered options, "
-    "answer with the number. Each turn, think briefly, then give exactly one command inside {example}."
-)
-
-
 def sciworld_prompt_style(**overrides) -> PromptStyle:
-    """The `PromptStyle` for ScienceWorld: its instruction, and room for long room descriptions."""
-    settings = dict(instruction=SCIWORLD_INSTRUCTION, max_observation_chars=4000, show_admissible_actions=True)
-    settings.update(overrides)
-    return PromptStyle(**settings)
+    """The `PromptStyle` for ScienceWorld (its registry defaults: the ScienceWorld instruction)."""
+    return get_env("sciworld").prompt_style(**overrides)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -657,41 +647,24 @@ class GoldEpisode:
     def won(self) -> bool:
         return bool(self.results) and self.results[-1].won
 
-    def messages(self, prompt_style: PromptStyle | None = None, action_format: ActionFormat | None = None,
-                 ) -> list[dict[str, str]]:
-        """The episode as the rollout shows it to the policy: [system], the first user message (task and first
-        observation), then alternating assistant answers (``<action>...</action>``) and user observations. It ends
-        with the assistant's last answer."""
-        style = prompt_style or sciworld_prompt_style()
-        fmt = action_format or ActionFormat()
-        messages = [m for m in [style.system_message(fmt)] if m]
-        messages.append({"role": "user", "content": style.first_user_message(self.task_description, self.first, fmt)})
-        for turn, action in enumerate(self.actions):
-            if turn > 0:
-                messages.append({"role": "user", "content": style.observation_text(self.results[turn - 1])})
-            messages.append({"role": "assistant", "content": fmt.example(action)})
-        return messages
+    def steps(self) -> list[tuple[StepResult, str]]:
+        """``[(result shown before the action, action), ...]``: what the agent saw before each gold action."""
+        return list(zip([self.first, *self.results], self.actions))
 
-    def windowed_turns(self, history: int, prompt_style: PromptStyle | None = None,
-                       action_format: ActionFormat | None = None) -> list[tuple[list[dict[str, str]], dict[str, str]]]:
+    def messages(self, prompt_style: PromptStyle | None = None) -> list[dict[str, str]]:
+        """The episode as the full-context rollout shows it to the policy: [system], the first user message (task and
+        first observation), then alternating assistant answers (``<action>...</action>``) and user observations. It
+        ends with the assistant's last answer."""
+        return expert_conversation(prompt_style or sciworld_prompt_style(), self.task_description, self.steps())
+
+    def windowed_turns(self, history: int, prompt_style: PromptStyle | None = None
+                       ) -> list[tuple[list[dict[str, str]], dict[str, str]]]:
         """The episode as the windowed rollout (``history_turns=history``, the paper's layout) shows it: for every
         turn, ``(prompt, answer)`` with prompt = [system, one user message with the task, the last `history`
         (observation, action) pairs and the current observation]."""
         if history < 0:
             raise ValueError(f"history must be >= 0 (or use messages() for the full context), got {history}.")
-        style = prompt_style or sciworld_prompt_style()
-        fmt = action_format or ActionFormat()
-        system = [m for m in [style.system_message(fmt)] if m]
-        shown: list[tuple[str, str]] = []
-        turns = []
-        for result, action in zip([self.first, *self.results], self.actions):
-            text = style.observation_text(result)
-            recent = shown[-history:] if history else []
-            content = style.window_user_message(self.task_description, recent, text, fmt)
-            turns.append((system + [{"role": "user", "content": content}],
-                          {"role": "assistant", "content": fmt.example(action)}))
-            shown.append((text, action))
-        return turns
+        return expert_turns(prompt_style or sciworld_prompt_style(), self.task_description, self.steps(), history)
 
 
 def _play_gold(reset: StepResult, step_fn) -> tuple[list[str], list[StepResult]]:
@@ -779,7 +752,6 @@ def expert_sft_dataset(
     balanced: bool = True,
     format: str = "prompt_completion",
     prompt_style: PromptStyle | None = None,
-    action_format: ActionFormat | None = None,
     env_kwargs: Mapping[str, Any] | None = None,
     num_workers: int = 1,
     keep_unsolved: bool = False,
@@ -825,12 +797,12 @@ def expert_sft_dataset(
     else:
         columns["prompt"], columns["completion"] = [], []
     for episode in episodes:
-        messages = episode.messages(prompt_style, action_format)
+        messages = episode.messages(prompt_style)
         if format == "messages":
             rows = [(len(episode.actions), {"messages": messages})]
         elif history is not None:
             rows = [(turn, {"prompt": prompt, "completion": [answer]})
-                    for turn, (prompt, answer) in enumerate(episode.windowed_turns(history, prompt_style, action_format))]
+                    for turn, (prompt, answer) in enumerate(episode.windowed_turns(history, prompt_style))]
         else:
             answer_positions = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
             rows = [(turn, {"prompt": messages[:i], "completion": [messages[i]]})
