@@ -14,7 +14,7 @@ from datasets import Dataset  # noqa: E402
 from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 # The ALFWorld game fixtures (real_root, generated_root, generated), prepared lazily once per session.
-pytest_plugins = ["alfworld_testdata"]
+pytest_plugins = ["helpers.alfworld_testdata"]
 
 
 # One intra-op thread: tiny models gain nothing from two on 2 cores, and under load (env workers, JVMs,

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 420
 
 COMMON_FLAGS = [
@@ -60,7 +60,7 @@ def run_launch(config: str, output_dir, flags, export_dir=None) -> subprocess.Co
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", os.path.join(REPO, "examples", "accelerate", config),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-        os.path.join(REPO, "tests", "distributed_epo_run.py"),
+        os.path.join(REPO, "tests", "distributed", "distributed_epo_run.py"),
         "--report_dir", os.path.join(output_dir, "reports"), "--output_dir", str(output_dir), *flags,
     ]
     if export_dir is not None:

@@ -15,7 +15,7 @@ import pytest
 
 
 REAL_GAMES_FILE = "json_2.1.1_valid_seen_valid_train.tar.xz"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATED_PER_TYPE = 2
 GENERATED_SEED = 0
 

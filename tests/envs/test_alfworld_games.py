@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from alfworld_testdata import GENERATED_PER_TYPE, GENERATED_SEED
+from helpers.alfworld_testdata import GENERATED_PER_TYPE, GENERATED_SEED
 from trl_epo.envs.alfworld import AlfWorldEnv, make_dataset, make_tasks
 from trl_epo.envs.alfworld_engine import TASK_TYPES, read_game
 from trl_epo.envs import alfworld_games

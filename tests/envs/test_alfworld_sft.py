@@ -4,7 +4,7 @@ import importlib.util
 import os
 import sys
 
-from alfworld_testdata import REPO_ROOT
+from helpers.alfworld_testdata import REPO_ROOT
 
 
 def _load_example():

@@ -8,8 +8,8 @@ import json
 import os
 import sys
 
-from alfworld_testdata import REPO_ROOT
-from scripted import ScriptedLM
+from helpers.alfworld_testdata import REPO_ROOT
+from helpers.scripted import ScriptedLM
 from trl_epo.envs.alfworld import AlfWorldEnv, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import sciworld_required  # noqa: F401  (skips this module without scienceworld or Java)
+import helpers.sciworld_required  # noqa: F401  (skips this module without scienceworld or Java)
 import psutil  # noqa: E402  (a dependency of accelerate)
 
 from trl_epo.envs import ActionFormat, EnvPool, StepResult, TaskSpec  # noqa: E402
@@ -348,7 +348,7 @@ def test_missing_java_gives_install_instructions(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
     env.update(PATH=str(tmp_path), JAVA_HOME=str(tmp_path / "no-jdk-here"))
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([repo_root, env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
@@ -423,7 +423,7 @@ def test_chatml_template_gains_assistant_masks_without_changing_its_rendering(to
 def test_expert_prompts_are_exactly_what_the_rollout_shows(tokenizer, history):
     """Play a gold path through the real MultiTurnRollout (a scripted model answers with the gold actions) and check
     that every expert SFT prompt renders to the very context the policy was given, in both prompt layouts."""
-    from scripted import ScriptedLM
+    from helpers.scripted import ScriptedLM
 
     from trl_epo.envs.sciworld import gold_episodes, sciworld_prompt_style
     from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig

@@ -17,15 +17,11 @@ from trl_epo.envs.toy import FaultyToyEnv, ToyEnv, make_dataset, make_tasks
 from trl_epo.rollout import MultiTurnRollout, ModelGenerator, RolloutConfig
 
 from conftest import base_config_kwargs
-from scripted import ScriptedLM
-from toy_solver import toy_solver
+from helpers.scripted import ScriptedLM
+from helpers.policies import garbage_policy, toy_solver
 
 
 toy_oracle = toy_solver  # the scripted solver used across the tests
-
-
-def garbage_policy(conversation: str) -> str:
-    return "I refuse to use tags; go east! <act>go east"
 
 
 class RecordingGenerator(ModelGenerator):

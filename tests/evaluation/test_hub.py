@@ -28,7 +28,7 @@ from trl_epo.hub import (
 )
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "examples"))
 
 from train_toy import build_trainer, make_parser  # noqa: E402

@@ -13,8 +13,8 @@ from trl_epo.envs import EnvPool, FaultyToyEnv, ToyEnv
 from trl_epo.envs.toy import expert_actions, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 
-from pool_envs import ChildProcessEnv, ExitingEnv, PrefetchRecordingEnv
-from scripted import ScriptedLM
+from helpers.pool_envs import ChildProcessEnv, ExitingEnv, PrefetchRecordingEnv
+from helpers.scripted import ScriptedLM
 
 
 def alive(pid):

@@ -16,10 +16,10 @@ from trl_epo.envs.prompting import PromptStyle
 from trl_epo.envs.toy import ToyEnv, expert_actions, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 
-from scripted import ScriptedLM
+from helpers.scripted import ScriptedLM
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_benchmark(name):

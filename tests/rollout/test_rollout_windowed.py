@@ -9,7 +9,7 @@ from trl_epo.rollout import MultiTurnRollout, ModelGenerator, RolloutConfig, fin
 from trl_epo.trainer import block_position_ids
 
 from conftest import base_config_kwargs
-from scripted import ScriptedLM
+from helpers.scripted import ScriptedLM
 from test_rollout import runs, toy_oracle
 
 

@@ -13,3 +13,8 @@ def toy_solver(conversation: str) -> str:
     if item == "key":
         return "<action>open door</action>" if "open door" in actions else "<action>go east</action>"
     return "<action>drop coin</action>" if "go west" not in actions else "Back west. <action>go west</action>"
+
+
+def garbage_policy(conversation: str) -> str:
+    """Never writes a parsable action: every turn is invalid."""
+    return "I refuse to use tags; go east! <act>go east"

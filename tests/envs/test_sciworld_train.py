@@ -2,7 +2,7 @@
 
 import functools
 
-import sciworld_required  # noqa: F401  (skips this module without scienceworld or Java)
+import helpers.sciworld_required  # noqa: F401  (skips this module without scienceworld or Java)
 import psutil  # noqa: E402
 import torch  # noqa: E402
 

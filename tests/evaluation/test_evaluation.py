@@ -17,9 +17,9 @@ from trl_epo.evaluation import (
     wilson_interval,
 )
 
-from scripted import ScriptedLM
-from test_rollout import garbage_policy
-from toy_solver import toy_solver
+from helpers.scripted import ScriptedLM
+from helpers.policies import garbage_policy
+from helpers.policies import toy_solver
 
 
 def test_wilson_interval_on_known_counts():

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from alfworld_testdata import small_game_task
+from helpers.alfworld_testdata import small_game_task
 from trl_epo.envs import AlfWorldEnv, EnvPool, StepResult, TextEnv
 from trl_epo.envs.alfworld import (
     expert_episode,
