@@ -100,7 +100,7 @@ class RandomValidGenerator:
         return local_live
 
     def progress(self, total, enabled):
-        from trl_epo.rollout import _NoProgress
+        from trl_epo.rollout.generation import _NoProgress
 
         return _NoProgress()
 
@@ -123,7 +123,7 @@ def load_policy_model(args: BenchRolloutArguments):
     from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer
 
     if args.model:
-        from trl_epo.evaluation import load_model_for_eval
+        from trl_epo.cli import load_model_for_eval
 
         return load_model_for_eval(args.model, device="cpu" if not torch.cuda.is_available() else None)
     tokenizer = build_tiny_tokenizer()
@@ -156,12 +156,13 @@ def measure(env_name, tasks, factory, policy, pool_size, backend, model, tokeniz
         startup = time.perf_counter() - start
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        episodes, stats = rollout.play(tasks, generator(), tokenizer)
+        batch = rollout.play(tasks, generator(), tokenizer)
+        episodes, stats = batch.episodes, batch.stats
         wall = time.perf_counter() - start
     finally:
         rollout.close()
     env_steps = sum(e.turns - e.invalid_turns for e in episodes)
-    total = max(stats["time_total"], 1e-9)
+    total = max(stats.time_total, 1e-9)
     return {
         "env": env_name,
         "policy": policy,
@@ -170,24 +171,24 @@ def measure(env_name, tasks, factory, policy, pool_size, backend, model, tokeniz
         "episodes": len(episodes),
         "turns": sum(e.turns for e in episodes),
         "env_steps": env_steps,
-        "env_errors": stats["env_error_episodes"],
+        "env_errors": stats.env_error_episodes,
         "env_error_example": next((e.env_error[:300] for e in episodes if e.env_error), None),
         "wall_s": wall,
         "startup_s": startup,
         "episodes_per_s": len(episodes) / wall,
         "env_steps_per_s": env_steps / wall,
-        "generated_tokens": stats["generated_tokens"],
-        "generated_tokens_per_s": stats["generated_tokens"] / wall,
-        "generated_tokens_per_generate_s": stats["generated_tokens_per_s"],
-        "time_generate_s": stats["time_generate"],
-        "time_env_s": stats["time_env"],
-        "time_other_s": stats["time_other"],
-        "share_generate": stats["time_generate"] / total,
-        "share_env": stats["time_env"] / total,
-        "share_other": stats["time_other"] / total,
-        "invalid_turn_rate": stats["invalid_turn_rate"],
-        "refeed_ratio": stats["refeed_ratio"],
-        "success_rate": stats["success_rate"],
+        "generated_tokens": stats.generated_tokens,
+        "generated_tokens_per_s": stats.generated_tokens / wall,
+        "generated_tokens_per_generate_s": stats.generated_tokens_per_s,
+        "time_generate_s": stats.time_generate,
+        "time_env_s": stats.time_env,
+        "time_other_s": stats.time_other,
+        "share_generate": stats.time_generate / total,
+        "share_env": stats.time_env / total,
+        "share_other": stats.time_other / total,
+        "invalid_turn_rate": stats.invalid_turn_rate,
+        "refeed_ratio": stats.refeed_ratio,
+        "success_rate": stats.success_rate,
     }
 
 

@@ -230,7 +230,8 @@ def run_sft(args: CompareArguments, out: str) -> dict:
 
 
 def evaluate_splits(model, tokenizer, args: CompareArguments, save_to: str | None = None) -> dict:
-    from trl_epo.evaluation import evaluate, save_eval_results
+    from trl_epo.evaluation import evaluate
+    from trl_epo.results import save_eval_results
 
     results = {}
     for split in ("iid", "ood"):
@@ -330,7 +331,7 @@ def _methods(runs: list[dict]) -> list[str]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    from trl_epo.evaluation import wilson_interval
+    from trl_epo.results import wilson_interval
 
     summary = {}
     for method in _methods(runs):
@@ -575,7 +576,7 @@ def write_outputs(result: dict, output_dir: str) -> None:
 def resummarize(output_dir: str) -> dict:
     """Rebuild the summary, tables and figure of a finished comparison from its files (no training): the runs'
     `eval_results.json` files fill in anything the results.json lacks (e.g. per-task counts)."""
-    from trl_epo.evaluation import read_eval_results
+    from trl_epo.results import load_eval_results as read_eval_results
 
     with open(os.path.join(output_dir, "results.json")) as f:
         result = json.load(f)

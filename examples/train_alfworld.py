@@ -46,6 +46,14 @@ class ScriptArguments:
         default=False,
         metadata={"help": "A tiny randomly initialised Qwen2 model and a tokenizer built locally (offline tests)."},
     )
+    eval_splits: list[str] = field(
+        default_factory=lambda: ["iid", "ood"], metadata={"help": "Splits evaluated with --num_eval_games > 0."}
+    )
+    num_eval_games: int = field(
+        default=0,
+        metadata={"help": "Games per evaluated split, played every --eval_steps (--eval_strategy steps) and after "
+                          "training (0: no evaluation)."},
+    )
 
 
 def prepare_games(script_args) -> str:
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None):
 
     from trl_epo import EPOConfig, EPOTrainer
     from trl_epo.envs.alfworld import AlfWorldEnv, make_dataset
+    from trl_epo.rollout import RolloutConfig
 
     parser = TrlParser((ScriptArguments, EPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
@@ -86,7 +95,15 @@ def main(argv: list[str] | None = None):
                            seed=script_args.games_seed)
     print(f"Training on {len(dataset)} ALFWorld games from {data_root} ({script_args.train_split})", file=sys.stderr)
     # The env ends an episode at the same turn limit as the rollout; the data root travels to the worker processes.
-    env_factory = functools.partial(AlfWorldEnv, data_root=data_root, max_turns=training_args.env_max_turns)
+    rollout_config = RolloutConfig.from_args(training_args, env="alfworld")
+    env_factory = functools.partial(AlfWorldEnv, data_root=data_root, max_turns=rollout_config.max_turns)
+    evaluation = None
+    if script_args.num_eval_games > 0:
+        evaluation = {
+            split: make_dataset(split, data_root, script_args.task_types, script_args.num_eval_games,
+                                seed=script_args.games_seed)
+            for split in script_args.eval_splits
+        }
 
     if script_args.tiny:
         from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer
@@ -111,11 +128,15 @@ def main(argv: list[str] | None = None):
         model,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=evaluation,
         processing_class=tokenizer,
         env_factory=env_factory,
+        rollout_config=rollout_config,
         peft_config=get_peft_config(model_args),
     )
     trainer.train()
+    if evaluation is not None:
+        trainer.evaluate()
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)

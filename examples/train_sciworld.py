@@ -10,17 +10,16 @@ steps and a success evaluation; about 10 minutes on 2 cores):
     python examples/train_sciworld.py --config examples/configs/sciworld_quickstart_tiny.yaml
 
 Any `EPOConfig` / `ModelConfig` field can be given as a flag (``--epo_entropy_coef 0`` is plain GRPO), as can the
-`SciWorldTrainArguments` below. The run writes the model, `trainer_state.json`, `epo_run.json`, every episode's
-transcript (`_rollouts/*.jsonl`) and, with ``--num_eval_tasks``, `eval_<split>.json` and `eval_results.json` (for the
-model card) to ``--output_dir``.
+`SciWorldTrainArguments` below. With ``--num_eval_tasks N`` the trainer evaluates N tasks of each ``--eval_splits``
+split at ``--env_eval_temperature`` every ``--eval_steps`` (``--eval_strategy steps``) and after training, logged as
+`eval/<split>/success_rate` with its 95% interval. The run writes the model, `trainer_state.json`, `epo_run.json`
+(with the prompt settings `trl-epo evaluate` reuses), every episode's transcript (`_rollouts/*.jsonl`) and
+`eval_results.json` (for the model card) to ``--output_dir``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 
@@ -28,20 +27,17 @@ from accelerate import PartialState
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from trl_epo import EPOConfig, EPOTrainer
-from trl_epo.hub import EvalResult, save_eval_results, wilson_interval
 from trl_epo.envs import TaskSpec
 from trl_epo.envs.sciworld import (
-    SCIWORLD_INSTRUCTION,
     ScienceWorldEnv,
     check_java,
     enable_assistant_masks,
     expert_sft_dataset,
     make_dataset,
     make_tasks,
-    sciworld_prompt_style,
     to_prompt_completion,
 )
-from trl_epo.rollout import RolloutConfig, TrainerGenerator
+from trl_epo.rollout import RolloutConfig
 
 
 @dataclass
@@ -67,15 +63,15 @@ class SciWorldTrainArguments:
     admissible_actions: bool = field(
         default=False, metadata={"help": "Compute the valid-action list every step (slow; shown when listed)."}
     )
-    max_observation_chars: int = field(default=4000, metadata={"help": "Longer observations are cut."})
-    # evaluation after training
-    eval_split: str = field(default="iid", metadata={"help": "Split evaluated after training (iid, ood, held_out_types)."})
-    num_eval_tasks: int = field(default=0, metadata={"help": "Tasks evaluated after training (0: no evaluation)."})
+    # evaluation: periodic (--eval_strategy steps --eval_steps N) and after training
+    eval_splits: list[str] = field(
+        default_factory=lambda: ["iid"], metadata={"help": "Splits evaluated (iid, ood, held_out_types)."}
+    )
+    num_eval_tasks: int = field(default=0, metadata={"help": "Tasks per evaluated split (0: no evaluation)."})
     eval_on_train_tasks: bool = field(
         default=False,
-        metadata={"help": "Evaluate on the training tasks (cycled to --num_eval_tasks episodes) instead of --eval_split."},
+        metadata={"help": "Evaluate on the training tasks (cycled to --num_eval_tasks episodes) instead of --eval_splits."},
     )
-    eval_temperature: float = field(default=0.4, metadata={"help": "Sampling temperature of the evaluation (paper 0.4)."})
     # offline tiny model
     tiny_model: bool = field(
         default=False,
@@ -147,39 +143,20 @@ def warm_start(model, tokenizer, expert, script_args: SciWorldTrainArguments, tr
     return trainer.accelerator.unwrap_model(trainer.model)
 
 
-def evaluate(trainer: EPOTrainer, tasks, temperature: float, split: str) -> dict:
-    """Play each task once with the trained policy; report strict and paper-rule success with 95% intervals."""
-    accelerator = trainer.accelerator
-    world, rank = accelerator.num_processes, accelerator.process_index
-    tasks = tasks[: len(tasks) - len(tasks) % world] if len(tasks) >= world else tasks
-    shard = tasks[rank::world]
-    rollout = trainer.rollout_func
-    saved = trainer.generation_config.temperature
-    trainer.generation_config.temperature = temperature
-    trainer.model.eval()
-    try:
-        episodes, _ = rollout.play(shard, TrainerGenerator(trainer, rollout.config), trainer.processing_class)
-    finally:
-        trainer.generation_config.temperature = saved
-        rollout.close()
-    rows = [{"task": e.task.task, "variation": e.task.variation, "won": bool(e.won), "turns": e.turns,
-             "won_paper": bool(e.info.get("won_paper", e.won)), "score": e.score,
-             "invalid_turns": e.invalid_turns, "env_error": e.env_error} for e in episodes]
-    rows = accelerator.gather_object(rows) if world > 1 else rows
-    n = len(rows)
-    won, won_paper = sum(r["won"] for r in rows), sum(r["won_paper"] for r in rows)
+def eval_datasets(script_args: SciWorldTrainArguments, train_tasks, task_kwargs) -> dict | None:
+    """The task datasets the trainer evaluates on: {split: dataset}, or None without evaluation."""
+    from datasets import Dataset
+
+    from trl_epo.envs import task_rows
+
+    if script_args.num_eval_tasks <= 0:
+        return None
+    if script_args.eval_on_train_tasks:
+        tasks = [train_tasks[i % len(train_tasks)] for i in range(script_args.num_eval_tasks)]
+        return {"train_tasks": Dataset.from_dict(task_rows(tasks))}
     return {
-        "split": split,
-        "episodes": n,
-        "temperature": temperature,
-        "success_rate": won / max(1, n),
-        "success_rate_ci95": wilson_interval(won, n),
-        "success_rate_paper_rule": won_paper / max(1, n),
-        "success_rate_paper_rule_ci95": wilson_interval(won_paper, n),
-        "mean_score": sum(r["score"] for r in rows) / max(1, n),
-        "mean_turns": sum(r["turns"] for r in rows) / max(1, n),
-        "env_errors": sum(r["env_error"] is not None for r in rows),
-        "episodes_detail": rows,
+        split: make_dataset(split, num_tasks=script_args.num_eval_tasks, seed=script_args.dataset_seed, **task_kwargs)
+        for split in script_args.eval_splits
     }
 
 
@@ -192,11 +169,9 @@ def main():
         script_args.tiny_model = True
 
     env_kwargs = env_kwargs_of(script_args, training_args)
-    style = sciworld_prompt_style(
-        instruction=training_args.env_instruction or SCIWORLD_INSTRUCTION,
-        show_admissible_actions=training_args.env_show_admissible_actions,
-        max_observation_chars=script_args.max_observation_chars,
-    )
+    # The rollout's settings (ScienceWorld's registry defaults + the env_* flags): the warm start uses its prompts.
+    rollout_config = RolloutConfig.from_args(training_args, env="sciworld")
+    style = rollout_config.prompt_style
     task_kwargs = dict(task_types=script_args.task_types, balanced=script_args.balanced,
                        simplification=script_args.simplification)
     dataset = make_dataset(script_args.train_split, num_tasks=script_args.num_train_tasks,
@@ -249,14 +224,15 @@ def main():
     if script_args.warm_start_steps > 0:
         model = warm_start(model, tokenizer, expert, script_args, training_args)
 
+    evaluation = eval_datasets(script_args, train_tasks, task_kwargs)
     trainer = EPOTrainer(
         model,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=evaluation,
         processing_class=tokenizer,
         env_factory=functools.partial(ScienceWorldEnv, **env_kwargs),
-        # ScienceWorld's prompt style (its instruction, room for long room descriptions) instead of the generic one.
-        rollout_config=dataclasses.replace(RolloutConfig.from_args(training_args), prompt_style=style),
+        rollout_config=rollout_config,
         peft_config=get_peft_config(model_args),
     )
     trainer.train()
@@ -272,32 +248,13 @@ def main():
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
 
-    if script_args.num_eval_tasks > 0:
-        if script_args.eval_on_train_tasks:
-            eval_tasks = [train_tasks[i % len(train_tasks)] for i in range(script_args.num_eval_tasks)]
-            split = f"{script_args.train_split} (training tasks)"
-        else:
-            eval_tasks = make_tasks(script_args.eval_split, num_tasks=script_args.num_eval_tasks,
-                                    seed=script_args.dataset_seed, **task_kwargs)
-            split = script_args.eval_split
-        result = evaluate(trainer, eval_tasks, script_args.eval_temperature, split)
-        low, high = result["success_rate_ci95"]
-        log(f"Evaluation on {result['episodes']} {split} episodes (temperature {result['temperature']}): "
-              f"success {result['success_rate']:.3f} [95% CI {low:.3f}-{high:.3f}], "
-              f"paper rule (done and score > 0) {result['success_rate_paper_rule']:.3f}, "
-              f"mean score {result['mean_score']:.1f}")
-        if trainer.accelerator.is_main_process:
-            name = "eval_train_tasks.json" if script_args.eval_on_train_tasks else f"eval_{script_args.eval_split}.json"
-            with open(os.path.join(training_args.output_dir, name), "w") as f:
-                json.dump(result, f, indent=2)
-            # for the model card (trainer.create_model_card / push_to_hub)
-            save_eval_results(EvalResult.from_outcomes(
-                "sciworld", "train (training tasks)" if script_args.eval_on_train_tasks else script_args.eval_split,
-                [r["won"] for r in result["episodes_detail"]], seeds=[training_args.seed],
-                temperature=script_args.eval_temperature, mean_turns=result["mean_turns"],
-                model=training_args.output_dir,
-                extra={"success_rate_paper_rule": result["success_rate_paper_rule"], "mean_score": result["mean_score"]},
-            ), training_args.output_dir)
+    if evaluation is not None:  # the final evaluation (also written to eval_results.json for the model card)
+        metrics = trainer.evaluate()
+        for split in evaluation:
+            rate = metrics[f"eval/{split}/success_rate"]
+            low, high = metrics[f"eval/{split}/success_ci_low"], metrics[f"eval/{split}/success_ci_high"]
+            log(f"Evaluation on {int(metrics[f'eval/{split}/episodes'])} {split} episodes (temperature "
+                f"{training_args.env_eval_temperature}): success {rate:.3f} [95% CI {low:.3f}-{high:.3f}]")
     trainer.end()  # finish the trackers and destroy the process group (last)
 
 

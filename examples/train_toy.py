@@ -35,6 +35,14 @@ class ToyScriptArguments:
     env_split: str = field(default="train", metadata={"help": "Toy split to train on: 'train', 'iid' or 'ood'."})
     num_tasks: int = field(default=16, metadata={"help": "Number of toy tasks (dataset rows) in the training set."})
     task_seed: int = field(default=0, metadata={"help": "Seed that draws the toy tasks."})
+    eval_splits: list[str] = field(
+        default_factory=lambda: ["iid", "ood"], metadata={"help": "Splits evaluated with --num_eval_tasks > 0."}
+    )
+    num_eval_tasks: int = field(
+        default=0,
+        metadata={"help": "Tasks per evaluated split, played every --eval_steps (--eval_strategy steps) and after "
+                  "training (0: no evaluation)."},
+    )
     tiny_model_dir: str | None = field(
         default=None,
         metadata={
@@ -124,10 +132,15 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
     if model_args.model_name_or_path == TINY:  # a Hub model brings its tokenizer through TRL's AutoProcessor
         processing_class = AutoTokenizer.from_pretrained(model_path)
     dataset = make_dataset(script_args.env_split, script_args.num_tasks, seed=script_args.task_seed)
+    evaluation = None
+    if script_args.num_eval_tasks > 0:
+        evaluation = {split: make_dataset(split, script_args.num_eval_tasks, seed=script_args.task_seed + 1)
+                      for split in script_args.eval_splits}
     return EPOTrainer(
         model_path,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=evaluation,
         processing_class=processing_class,
         env_factory=ToyEnv,
         quantization_config=get_quantization_config(model_args),
@@ -139,6 +152,8 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
 def main(script_args: ToyScriptArguments, training_args, model_args) -> None:
     trainer = build_trainer(script_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()  # the final evaluation, also written to eval_results.json for the model card
     trainer.save_model(training_args.output_dir)  # the adapter alone under --use_peft, else the full model
     if script_args.save_merged_dir:
         trainer.save_merged_model(script_args.save_merged_dir)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,37 @@ def token_weights(mask: torch.Tensor, num_tokens: int | float | torch.Tensor | N
     return mask / torch.as_tensor(num_tokens, dtype=torch.float32, device=mask.device)
 
 
+def _trajectory_aggregation(mask, turn_ids=None, traj_ids=None, num_trajectories=None, num_tokens=None):
+    return trajectory_weights(mask, turn_ids, traj_ids, num_trajectories)
+
+
+def _token_aggregation(mask, turn_ids=None, traj_ids=None, num_trajectories=None, num_tokens=None):
+    return token_weights(mask, num_tokens)
+
+
+AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "trajectory": _trajectory_aggregation,  # Eq. 2: token mean per turn, mean over turns, mean over trajectories
+    "token": _token_aggregation,  # a plain mean over all action tokens
+}
+"""Name -> per-token weight function of the entropy aggregation (`epo_entropy_aggregation`)."""
+
+
+def aggregation_weights(
+    name: str,
+    mask: torch.Tensor,
+    turn_ids: torch.Tensor | None = None,
+    traj_ids: torch.Tensor | None = None,
+    num_trajectories=None,
+    num_tokens=None,
+) -> torch.Tensor:
+    """The per-token weights of aggregation `name` (a key of `AGGREGATIONS`), with the global normalisers when
+    given (Eq. 2's B, the token mode's N)."""
+    weights = _lookup(AGGREGATIONS, name, "entropy aggregation")
+    return weights(
+        mask, turn_ids=turn_ids, traj_ids=traj_ids, num_trajectories=num_trajectories, num_tokens=num_tokens
+    )
+
+
 def trajectory_mean(
     values: torch.Tensor,
     mask: torch.Tensor,
@@ -130,21 +162,39 @@ def out_of_corridor(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def phase_weight(step: int, total_steps: int, gamma: float = 3.0, schedule: str = "exp") -> float:
-    """beta_k = 1 + exp(-gamma * k / floor(K / 2)) (Eq. 5); ``schedule="constant"`` gives 1.
+def exp_phase_weight(step: int, total_steps: int, gamma: float = 3.0) -> float:
+    """beta_k = 1 + exp(-gamma * k / floor(K / 2)) (Eq. 5).
 
     ``step`` is the 0-based optimizer step k, ``total_steps`` the run's real number of optimizer steps K. beta_0 = 2,
     beta_{K//2} = 1 + e^{-gamma}, decreasing toward 1: the corridor weighs most early in training, when entropy swings
     most. ``floor(K / 2)`` is taken as at least 1 so that runs of one step are defined.
     """
-    if schedule == "constant":
-        return 1.0
-    if schedule != "exp":
-        raise ValueError(f"Unknown phase schedule {schedule!r}; use 'exp' or 'constant'.")
     if step < 0 or total_steps < 1:
         raise ValueError(f"phase_weight needs step >= 0 and total_steps >= 1, got step={step}, total={total_steps}.")
     half = max(1, total_steps // 2)
     return 1.0 + math.exp(-gamma * step / half)
+
+
+def constant_phase_weight(step: int, total_steps: int, gamma: float = 3.0) -> float:
+    """beta = 1 at every step."""
+    return 1.0
+
+
+PHASE_SCHEDULES: dict[str, Callable[[int, int, float], float]] = {
+    "exp": exp_phase_weight,
+    "constant": constant_phase_weight,
+}
+
+
+def phase_weight(step: int, total_steps: int, gamma: float = 3.0, schedule: str = "exp") -> float:
+    """The phase weight beta_k of `schedule` (a name of `PHASE_SCHEDULES`; Eq. 5 for "exp")."""
+    return _lookup(PHASE_SCHEDULES, schedule, "phase schedule")(step, total_steps, gamma)
+
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"Unknown {what} {name!r}; supported: {sorted(table)}.")
+    return table[name]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -179,7 +229,7 @@ class EntropyReference:
 
     def __init__(self, mode: str = "cumulative", ema_decay: float = 0.9, window: int = 10):
         if mode not in self.MODES:
-            raise ValueError(f"Unknown entropy reference mode {mode!r}; use one of {self.MODES}.")
+            raise ValueError(f"Unknown entropy reference mode {mode!r}; supported: {list(self.MODES)}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
         if window < 1:
@@ -277,9 +327,69 @@ class EntropyReference:
         return f"EntropyReference(mode={self.mode!r}, updates={self.num_updates}, value={self.value()})"
 
 
+REFERENCE_MODES = EntropyReference.MODES
+
+
+class EntropyWindow:
+    """Per-turn sums of the detached action-token entropies of one optimizer step's micro-batches, closed into the
+    step's `StepEntropy` (reduced over all processes) once per optimizer step.
+
+    The reductions are passed in (`close(reduce_sum, reduce_max)`), so this stays pure: a single process passes the
+    identity, a distributed trainer its collectives (every process must call `close` at the same step).
+    """
+
+    def __init__(self):
+        self.turn_sum: torch.Tensor | None = None
+        self.turn_count: torch.Tensor | None = None
+
+    def add(self, entropies: torch.Tensor, mask: torch.Tensor, turn_ids: torch.Tensor) -> None:
+        mask = mask.detach().float()
+        slots = int(turn_ids.max().clamp(min=0).item()) + 1 if turn_ids.numel() else 1
+        index = turn_ids.clamp(min=0).flatten()
+        turn_sum = torch.zeros(slots, device=mask.device).scatter_add_(
+            0, index, (entropies.detach().float() * mask).flatten()
+        )
+        turn_count = torch.zeros(slots, device=mask.device).scatter_add_(0, index, mask.flatten())
+        self.turn_sum = _add_grown(self.turn_sum, turn_sum)
+        self.turn_count = _add_grown(self.turn_count, turn_count)
+
+    def close(
+        self, reduce_sum: Callable[[torch.Tensor], torch.Tensor], reduce_max: Callable[[int], int], device
+    ) -> StepEntropy | None:
+        """The step's global mean entropy and per-turn means (None when no process saw an action token); resets."""
+        local = 0 if self.turn_sum is None else self.turn_sum.numel()
+        slots = reduce_max(local)
+        buffer = torch.zeros(2, max(1, slots), device=device)
+        if self.turn_sum is not None:
+            buffer[0, :local] = self.turn_sum
+            buffer[1, :local] = self.turn_count
+        self.turn_sum = self.turn_count = None
+        if slots == 0:
+            return None
+        buffer = reduce_sum(buffer)
+        total = buffer[1].sum().item()
+        mean = buffer[0].sum().item() / total if total > 0 else math.nan
+        turn_means = {t: (buffer[0, t] / buffer[1, t]).item() for t in range(slots) if buffer[1, t] > 0}
+        return StepEntropy(mean=mean, turn_means=turn_means)
+
+
+def _add_grown(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    if total is None:
+        return value
+    size = max(total.numel(), value.numel())
+    grown = torch.zeros(size, device=value.device)
+    grown[: total.numel()] += total
+    grown[: value.numel()] += value
+    return grown
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Eq. 6: the EPO regulariser
 # --------------------------------------------------------------------------------------------------------------------
+
+
+SMOOTHING_MODES = ("hinge", "none")
+"""'hinge': the differentiable corridor of Eqs. 3-4 (paper v2); 'none': EPO-Base (the entropy bonus only)."""
 
 
 @dataclass
@@ -315,10 +425,10 @@ def epo_regularizer(
         penalty = alpha * (weights * corridor_penalty(entropy, reference, kappa_low, kappa_high)).sum()
         outside = out_of_corridor(entropy.detach(), reference, kappa_low, kappa_high) & mask.bool()
         frac = outside.sum() / mask.sum().clamp(min=1)
-    elif smoothing in ("hinge", "none"):
+    elif smoothing in SMOOTHING_MODES:
         penalty = entropy.new_zeros(())
         frac = entropy.new_zeros(())
     else:
-        raise ValueError(f"Unknown smoothing {smoothing!r}; use 'hinge' or 'none'.")
+        raise ValueError(f"Unknown smoothing {smoothing!r}; supported: {list(SMOOTHING_MODES)}.")
     regularizer = -entropy_coef * entropy_term + entropy_coef * beta * penalty
     return EPOTerms(regularizer, entropy_term.detach(), penalty.detach(), frac.detach().float())

@@ -12,7 +12,9 @@ Figures:
 * ``epo_dynamics.png``: (a) the trajectory-level entropy L_H (`epo/entropy`) with its reference H_ref
   (`epo/reference`) and the corridor band [kappa_l * H_ref, kappa_r * H_ref]; (b) the phase weight beta_k; (c) the
   smoothing penalty L_smooth; (d) the fraction of action tokens outside the corridor; (e) the success rate of the
-  training rollouts (`rollout/success_rate`, else the mean reward); (f) mean turns and invalid-turn rate.
+  training rollouts (`rollout/success_rate`, else the mean reward) and, when the trainer evaluated periodically, each
+  eval split's success rate with its Wilson 95% interval (`eval/<split>/success_rate`); (f) mean turns and
+  invalid-turn rate.
 * ``entropy_turn_heatmap.png``: the step entropy per true turn index (`epo/entropy_turn/<t>`), turn x step.
 
 Values are what the trainer logged: with `logging_steps > 1` each point is the mean over its logging window. With
@@ -29,10 +31,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from .run_files import read_run_settings
+
 
 TRAINER_STATE_NAME = "trainer_state.json"
-EPO_RUN_NAME = "epo_run.json"
 TURN_KEY = re.compile(r"^epo/entropy_turn/(\d+)$")
+EVAL_KEY = re.compile(r"^eval/(.+)/success_rate$")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -73,15 +77,6 @@ def load_log_history(run_dir: str) -> tuple[list[dict[str, Any]], str]:
     steps = [h for h in history if "step" in h and "train_runtime" not in h]
     return steps, path
 
-
-def load_run_settings(run_dir: str) -> dict[str, Any]:
-    """The run's `epo_run.json` (EPO/env settings and the reference history), from `run_dir` or its parent; {}."""
-    for folder in (run_dir, os.path.dirname(os.path.abspath(run_dir))):
-        path = os.path.join(folder, EPO_RUN_NAME)
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-    return {}
 
 
 def series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -177,6 +172,33 @@ def _line(ax, history, key: str, title: str, ylabel: str, color: str, smooth: bo
     ax.set_ylabel(ylabel)
 
 
+def eval_splits(history: Sequence[dict[str, Any]]) -> list[str]:
+    """The splits the trainer evaluated periodically (`eval/<split>/success_rate` keys), in first-seen order."""
+    splits: list[str] = []
+    for entry in history:
+        for key in entry:
+            match = EVAL_KEY.match(key)
+            if match and match.group(1) not in splits:
+                splits.append(match.group(1))
+    return splits
+
+
+def plot_eval_success(ax, history) -> None:
+    """Each eval split's success rate over training, with its Wilson 95% interval as error bars."""
+    for split, color in zip(eval_splits(history), ("tab:blue", "tab:olive", "tab:cyan", "tab:pink")):
+        steps, rates = series(history, f"eval/{split}/success_rate")
+        _, lows = series(history, f"eval/{split}/success_ci_low")
+        _, highs = series(history, f"eval/{split}/success_ci_high")
+        if len(lows) == len(rates) == len(highs):
+            errors = [[r - lo for r, lo in zip(rates, lows)], [hi - r for r, hi in zip(rates, highs)]]
+        else:
+            errors = None
+        ax.errorbar(steps, rates, yerr=errors, color=color, marker="o", ms=3, lw=1.2, capsize=2,
+                    label=f"eval/{split} (95% CI)")
+    if eval_splits(history):
+        ax.legend(fontsize=7, loc="best")
+
+
 def plot_dynamics(history, kappa_low: float, kappa_high: float, title: str = ""):
     """The six-panel figure of a run (see the module docstring); returns the matplotlib Figure."""
     figure, axes = _figure(12, 10, 3, 2)
@@ -189,6 +211,7 @@ def plot_dynamics(history, kappa_low: float, kappa_high: float, title: str = "")
     success_key = "rollout/success_rate" if series(history, "rollout/success_rate")[0] else "reward"
     _line(axes[2, 0], history, success_key, f"(e) training success ({success_key})", "rate", "tab:green",
           smooth=True)
+    plot_eval_success(axes[2, 0], history)
     ax = axes[2, 1]
     steps, turns = series(history, "rollout/mean_turns")
     if steps:
@@ -244,7 +267,7 @@ def plot_run(
     history, source = load_log_history(run_dir)
     if not history:
         raise ValueError(f"{source} has no per-step log entries (was logging_steps larger than the run?).")
-    settings = load_run_settings(run_dir).get("epo", {})
+    settings = read_run_settings(run_dir).get("epo", {})
     kappa_low = settings.get("epo_kappa_low", 0.0) if kappa_low is None else kappa_low
     kappa_high = settings.get("epo_kappa_high", 2.0) if kappa_high is None else kappa_high
     if title is None:

@@ -70,13 +70,13 @@ class Probe:
         def counting_play(self, tasks, generator, tokenizer):
             probe.current = {"gathers": [], "unwraps": 0, "all_generate_calls": 0}
             try:
-                episodes, stats = real_play(self, tasks, generator, tokenizer)
+                batch = real_play(self, tasks, generator, tokenizer)
             finally:
                 record, probe.current = probe.current, None
-            record.update(generate_calls=stats["generate_calls"], episodes=len(episodes),
-                          max_turns=max(e.turns for e in episodes))
+            record.update(generate_calls=batch.stats.generate_calls, episodes=len(batch.episodes),
+                          max_turns=max(e.turns for e in batch.episodes))
             probe.rollouts.append(record)
-            return episodes, stats
+            return batch
 
         rollout_module.MultiTurnRollout.play = counting_play
 
@@ -89,16 +89,16 @@ class Probe:
 
         rollout_module.TrainerGenerator.generate = counting_generate
 
-        real_end_of_step = EPOTrainer._epo_end_of_step
+        real_end_of_step = EPOTrainer._end_of_optimizer_step
 
         def recording_end_of_step(self):
-            window = self._epo_window
-            if window is not None:  # this process's own sums, before the cross-process reduction
-                probe.local_steps.append({"sum": window["turn_sum"].sum().item(),
-                                          "count": window["turn_count"].sum().item()})
+            window = self._entropy_window
+            if window.turn_sum is not None:  # this process's own sums, before the cross-process reduction
+                probe.local_steps.append({"sum": window.turn_sum.sum().item(),
+                                          "count": window.turn_count.sum().item()})
             return real_end_of_step(self)
 
-        EPOTrainer._epo_end_of_step = recording_end_of_step
+        EPOTrainer._end_of_optimizer_step = recording_end_of_step
 
 
 def make_uneven(trainer, training_args):
@@ -107,10 +107,10 @@ def make_uneven(trainer, training_args):
     generation runs collectives). The turn limit stays the same everywhere, as in a real run."""
     from trl_epo.rollout import RolloutConfig
 
-    config = RolloutConfig.from_args(training_args)
+    config = RolloutConfig.from_args(training_args, env="toy")
     if trainer.accelerator.process_index == 0:
         config.max_episode_tokens = 96
-    trainer.rollout_func.config = config
+    trainer.env_rollout.config = config
 
 
 def main():

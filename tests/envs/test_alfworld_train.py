@@ -44,10 +44,11 @@ def test_scripted_agent_wins_alfworld_through_the_rollout(tokenizer, generated_r
                                RolloutConfig(max_turns=12, max_turn_tokens=48, max_episode_tokens=20000,
                                              pool_backend="thread", progress_bar=False))
     try:
-        episodes, stats = rollout.play(tasks, ModelGenerator(ScriptedLM(tokenizer, oracle), tokenizer), tokenizer)
+        batch = rollout.play(tasks, ModelGenerator(ScriptedLM(tokenizer, oracle), tokenizer), tokenizer)
+        episodes, stats = batch.episodes, batch.stats
     finally:
         rollout.close()
-    assert stats["success_rate"] == 1.0 and stats["invalid_turn_rate"] == 0.0 and stats["env_error_episodes"] == 0
+    assert stats.success_rate == 1.0 and stats.invalid_turn_rate == 0.0 and stats.env_error_episodes == 0
     for episode, spec in zip(episodes, tasks):
         assert episode.won and episode.env_error is None
         assert episode.turns == len(walkthroughs[episode.description])

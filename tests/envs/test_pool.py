@@ -110,7 +110,7 @@ def test_the_rollout_hints_the_next_wave(tmp_path, tokenizer, backend):
     )
     model = ScriptedLM(tokenizer, lambda conversation: "<action>look</action>")
     try:
-        episodes, _ = rollout.play(tasks, ModelGenerator(model, tokenizer), tokenizer)
+        episodes = rollout.play(tasks, ModelGenerator(model, tokenizer), tokenizer).episodes
     finally:
         rollout.close()
     assert all(e.won for e in episodes)  # three waves of two episodes

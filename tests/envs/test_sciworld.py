@@ -450,7 +450,7 @@ def test_expert_prompts_are_exactly_what_the_rollout_shows(tokenizer, history):
                            history_turns=history, progress_bar=False)
     rollout = MultiTurnRollout(functools.partial(ScienceWorldEnv, **env_kwargs), config)
     try:
-        played, _ = rollout.play([spec], ModelGenerator(model, tokenizer, temperature=0, progress_bar=False), tokenizer)
+        played = rollout.play([spec], ModelGenerator(model, tokenizer, temperature=0, progress_bar=False), tokenizer).episodes
     finally:
         rollout.close()
     assert played[0].won and played[0].actions == episode.actions

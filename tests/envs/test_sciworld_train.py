@@ -91,7 +91,7 @@ def test_epo_trains_two_steps_on_sciworld(tokenizer, make_model, tmp_path, monke
     assert "rollout/success_rate_paper_rule" in logs[0]
     assert any(not (p.detach() == before[n]).all() for n, p in trainer.model.named_parameters())
 
-    episodes = trainer.rollout_func.last_episodes
+    episodes = trainer.env_rollout.last_batch.episodes
     assert len(episodes) == 4 and all(e.task.env == "sciworld" for e in episodes)
     assert all(episodes[i].task == episodes[i + 1].task for i in range(0, 4, 2))  # GRPO groups share the task
     for e in episodes:
@@ -101,6 +101,6 @@ def test_epo_trains_two_steps_on_sciworld(tokenizer, make_model, tmp_path, monke
         assert not e.won  # looking around solves nothing (the paper's rule may still count it: partial score)
 
     # the env workers and their JVMs were stopped when training ended
-    assert trainer.rollout_func.pool is None
+    assert trainer.env_rollout.pool is None
     assert len(jvm_pids) == 2
     assert not [pid for pid in jvm_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]

@@ -6,16 +6,13 @@ import math
 
 import pytest
 
-from trl_epo.evaluation import (
-    EVAL_RESULTS_NAME,
-    evaluate,
-    load_model_for_eval,
-    main,
-    read_eval_results,
-    save_eval_results,
-    split_tasks,
-    wilson_interval,
-)
+from trl_epo.cli import evaluate_main as main
+from trl_epo.cli import load_model_for_eval
+from trl_epo.evaluation import evaluate, split_tasks
+from trl_epo.results import load_eval_results as read_eval_results
+from trl_epo.results import save_eval_results, wilson_interval
+from trl_epo.rollout import RolloutConfig
+from trl_epo.run_files import EVAL_RESULTS_NAME
 
 from helpers.scripted import ScriptedLM
 from helpers.policies import garbage_policy
@@ -96,10 +93,8 @@ def test_eval_results_file_merges_per_split_and_feeds_the_model_card(tmp_path):
     assert (iid.episodes, iid.ci_low, iid.ci_high, iid.temperature, iid.mean_turns) == (4, 0.1, 0.9, 0.4, 3.5)
     assert iid.extra["invalid_turn_rate"] == 0.25 and "episodes" not in iid.extra
     assert (tmp_path / "eval_episodes_toy_iid.jsonl").read_text().strip() == '{"won": true}'
-    # The model card reads the same file.
-    from trl_epo.hub import load_eval_results
-
-    assert load_eval_results(str(tmp_path)) == results
+    # The model card reads the same file (a folder or the file itself).
+    assert read_eval_results(str(tmp_path)) == results
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="evaluation results"):
         read_eval_results(str(tmp_path / "other.json"))
@@ -113,7 +108,8 @@ def test_command_line_on_saved_checkpoint_and_lora_adapter(tokenizer, make_model
     model = make_model()
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(run)  # a checkpoint without tokenizer files: found in the parent output_dir
-    (run / "epo_run.json").write_text(json.dumps({"epo": {"env_max_turns": 2, "env_max_turn_tokens": 6}}))
+    recorded = RolloutConfig(max_turns=2, max_turn_tokens=6).to_dict()
+    (run / "epo_run.json").write_text(json.dumps({"rollout": {"env": "toy", "env_kwargs": {}, "config": recorded}}))
     results = main(["--model", str(checkpoint), "--env", "toy", "--split", "iid", "ood", "--num_episodes", "3",
                     "--pool_backend", "thread", "--seeds", "0", "1"])
     saved = read_eval_results(str(checkpoint / EVAL_RESULTS_NAME))

@@ -18,14 +18,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 
-from trl_epo.hub import (
-    CARD_SECTION_TITLE,
-    EvalResult,
-    epo_card_section,
-    load_eval_results,
-    save_eval_results,
-    wilson_interval,
-)
+from trl_epo.card import CARD_SECTION_TITLE, epo_card_section
+from trl_epo.results import EvalResult, load_eval_results, save_eval_results, wilson_interval
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,7 +78,7 @@ def test_push_to_hub_uploads_model_and_epo_card(tmp_path, hub):
     ])
     trainer = build_trainer(script_args, args, model_args)
     trainer.train()
-    # An evaluation function records its results next to the model (see trl_epo.hub.save_eval_results).
+    # An evaluation function records its results next to the model (see trl_epo.results.save_eval_results).
     result = EvalResult.from_outcomes("toy", "ood", [True, False, True, False, False], seeds=[0, 1],
                                       temperature=0.4, mean_turns=3.0, model=str(output_dir))
     save_eval_results(result, str(output_dir))

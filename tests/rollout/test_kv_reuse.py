@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trl_epo.envs.toy import ToyEnv, make_tasks
-from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig, _CacheState
+from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
+from trl_epo.rollout.generation import _CacheState
 
 
 def random_ids(generator, n):
@@ -128,10 +129,11 @@ def test_full_context_rollout_feeds_each_token_about_once(tokenizer, make_model)
         rollout = MultiTurnRollout(ToyEnv, RolloutConfig(pool_backend="inline", progress_bar=False, max_turns=6,
                                                          max_turn_tokens=10, max_episode_tokens=4000))
         gen = ModelGenerator(model, tokenizer, temperature=0, progress_bar=False, reuse_kv_cache=reuse)
-        episodes, stats = rollout.play(tasks, gen, tokenizer)
+        batch = rollout.play(tasks, gen, tokenizer)
+        episodes, stats = batch.episodes, batch.stats
         rollout.close()
         results[reuse] = ([e.completion_ids for e in episodes], stats)
     assert results[True][0] == results[False][0]
-    assert results[False][1]["refeed_ratio"] > 2.5
-    assert results[True][1]["refeed_ratio"] < 1.2
-    assert results[True][1]["generate_calls"] == results[False][1]["generate_calls"] == 6
+    assert results[False][1].refeed_ratio > 2.5
+    assert results[True][1].refeed_ratio < 1.2
+    assert results[True][1].generate_calls == results[False][1].generate_calls == 6

@@ -40,7 +40,8 @@ def play(tasks, model, tokenizer, backend="thread", env_factory=ToyEnv, **config
     rollout = MultiTurnRollout(env_factory, RolloutConfig(pool_backend=backend, progress_bar=False, **config))
     generator = RecordingGenerator(model, tokenizer)
     try:
-        episodes, stats = rollout.play(tasks, generator, tokenizer)
+        batch = rollout.play(tasks, generator, tokenizer)
+        episodes, stats = batch.episodes, batch.stats
     finally:
         rollout.close()
     return episodes, stats, generator
@@ -100,14 +101,14 @@ def test_sequences_masks_and_turn_ids_are_exact(tokenizer, make_model):
         for value, s, t in runs(e.env_mask):
             pieces.append(tokenizer.decode(e.completion_ids[s:t]))
         assert tokenizer.decode(e.prompt_ids + e.completion_ids) == "".join(pieces)
-    assert stats["generate_calls"] == 3  # one batched generate call per turn for all live episodes
+    assert stats.generate_calls == 3  # one batched generate call per turn for all live episodes
 
 
 def test_truncation_at_max_turns_and_token_budget(tokenizer, make_model):
     tasks = make_tasks("train", 2)
     episodes, stats, _ = play(tasks, make_model(), tokenizer, max_turns=2, max_turn_tokens=8)
     assert all(e.turns == 2 and e.truncated == "max_turns" for e in episodes)
-    assert stats["truncation_rate"] == 1.0
+    assert stats.truncation_rate == 1.0
 
     budget = 70
     episodes, _, _ = play(tasks, make_model(), tokenizer, max_turns=20, max_turn_tokens=8, max_episode_tokens=budget)
@@ -122,9 +123,9 @@ def test_scripted_policy_solves_tasks_through_generate(tokenizer):
     episodes, stats, generator = play(tasks, model, tokenizer, max_turns=12, max_turn_tokens=40)
     assert all(e.won for e in episodes), [(e.actions, e.truncated) for e in episodes]
     assert [e.reward(RolloutConfig()) for e in episodes] == [1.0] * len(episodes)
-    assert stats["success_rate"] == 1.0 and stats["invalid_turn_rate"] == 0.0
+    assert stats.success_rate == 1.0 and stats.invalid_turn_rate == 0.0
     # Episodes finish at different turns; later turns generate only for the episodes still live.
-    assert stats["generate_calls"] == max(e.turns for e in episodes)
+    assert stats.generate_calls == max(e.turns for e in episodes)
     assert [len(call) for call in generator.calls] == sorted((len(c) for c in generator.calls), reverse=True)
 
 
@@ -132,7 +133,7 @@ def test_garbage_answers_are_invalid_turns_not_crashes(tokenizer):
     tasks = make_tasks("train", 2)
     model = ScriptedLM(tokenizer, garbage_policy)
     episodes, stats, _ = play(tasks, model, tokenizer, max_turns=3, max_turn_tokens=40, invalid_action_penalty=0.1)
-    assert stats["invalid_turn_rate"] == 1.0
+    assert stats.invalid_turn_rate == 1.0
     assert all(e.invalid_turns == 3 and not e.won for e in episodes)
     assert all(e.actions == [None, None, None] for e in episodes)
     config = RolloutConfig(invalid_action_penalty=0.1)
@@ -156,18 +157,20 @@ def test_env_faults_fail_their_episodes_and_later_batches_work(tokenizer, env_er
     rollout = MultiTurnRollout(FaultyToyEnv, config)
     model = ScriptedLM(tokenizer, toy_oracle)
     try:
-        episodes, stats = rollout.play(faulty + healthy, ModelGenerator(model, tokenizer), tokenizer)
+        batch = rollout.play(faulty + healthy, ModelGenerator(model, tokenizer), tokenizer)
+        episodes, stats = batch.episodes, batch.stats
         errors = [e.env_error for e in episodes]
         assert all(errors[:4]) and not any(errors[4:])
         assert "injected env failure" in errors[0] and "timed out" in errors[1] and "died" in errors[2]
-        assert stats["env_error_episodes"] == 4
+        assert stats.env_error_episodes == 4
         assert all(e.won for e in episodes[4:])  # the healthy episodes of the same batch finish normally
         expected = 0.0 if env_error_reward == "zero" else None
         assert [e.reward(config) for e in episodes[:4]] == [expected] * 4
         assert all(len(e.completion_ids) >= 1 for e in episodes)
         # The next batch on the same pool (fresh workers where they died) plays normally.
-        episodes, stats = rollout.play(healthy + healthy, ModelGenerator(model, tokenizer), tokenizer)
-        assert stats["env_error_episodes"] == 0 and all(e.won for e in episodes)
+        batch = rollout.play(healthy + healthy, ModelGenerator(model, tokenizer), tokenizer)
+        episodes, stats = batch.episodes, batch.stats
+        assert stats.env_error_episodes == 0 and all(e.won for e in episodes)
         assert rollout.pool.stats["timeouts"] == 1 and rollout.pool.stats["worker_died"] == 1
         worker_pids = [pid for pid in rollout.pool.worker_pids() if pid]
     finally:
@@ -209,13 +212,13 @@ def test_epo_trainer_trains_two_steps_on_the_toy_env(tokenizer, make_model, tmp_
     assert (inputs["turn_ids"][inputs["completion_mask"] == 0] == -1).all()
     assert inputs["turn_ids"].max() >= 1
     # GRPO groups: the num_generations members of a group played the same task with the same seed.
-    tasks = [e.task for e in trainer.rollout_func.last_episodes]
+    tasks = [e.task for e in trainer.env_rollout.last_batch.episodes]
     assert all(tasks[i] == tasks[i + 1] for i in range(0, len(tasks), 2))
     # Every episode was written to disk.
     records = [json.loads(line) for path in glob.glob(os.path.join(tmp_path, "_rollouts", "*.jsonl"))
                for line in open(path)]
     assert len(records) == 2 * 4 and all("messages" in r and "reward" in r for r in records)
-    assert trainer.rollout_func.pool is None  # the env workers were stopped when training ended
+    assert trainer.env_rollout.pool is None  # the env workers were stopped when training ended
 
 
 def test_task_rows_round_trip():

@@ -60,7 +60,7 @@ def test_vllm_backend_gets_per_turn_limits_and_its_logprobs_reach_the_batch(toke
     backend = StandInVLLM(trainer.model, tokenizer.eos_token_id)
     trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, backend, -1
     rows = [dict(r) for r in make_dataset("train", 1)] * 2
-    trainer.rollout_rows = rows
+    trainer._rollout_rows = rows
     output = trainer.rollout_func([r["prompt"] for r in rows], trainer)
 
     assert backend.syncs == 1  # weights synced once for the whole multi-turn rollout
@@ -70,7 +70,7 @@ def test_vllm_backend_gets_per_turn_limits_and_its_logprobs_reach_the_batch(toke
         assert len(logprobs) == len(ids) == len(mask)
         assert all(lp < 0 and math.isfinite(lp) for lp, m in zip(logprobs, mask) if m == 1)
         assert all(lp == 0.0 for lp, m in zip(logprobs, mask) if m == 0)
-    episode = trainer.rollout_func.last_episodes[0]
+    episode = trainer.env_rollout.last_batch.episodes[0]
     with torch.no_grad():
         sequence = torch.tensor([episode.prompt_ids + episode.completion_ids])
         logp = torch.log_softmax(trainer.model(input_ids=sequence).logits[0].float(), -1)

@@ -6,7 +6,7 @@ import torch
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.envs.toy import ToyEnv, make_dataset, make_tasks
 from trl_epo.rollout import MultiTurnRollout, ModelGenerator, RolloutConfig, find_sublist
-from trl_epo.trainer import block_position_ids
+from trl_epo.packing import block_position_ids
 
 from conftest import base_config_kwargs
 from helpers.scripted import ScriptedLM
@@ -30,19 +30,20 @@ def play_windowed(tokenizer, model, tasks, k, **config):
     )
     generator = ContextRecorder(model, tokenizer)
     try:
-        episodes, stats = rollout.play(tasks, generator, tokenizer)
+        batch = rollout.play(tasks, generator, tokenizer)
+        episodes, stats = batch.episodes, batch.stats
     finally:
         rollout.close()
-    return rollout, episodes, stats, generator
+    return batch, episodes, stats, generator
 
 
 def test_windowed_prompts_and_packed_rows(tokenizer):
     tasks = make_tasks("train", 3)
-    rollout, episodes, stats, generator = play_windowed(
+    batch, episodes, stats, generator = play_windowed(
         tokenizer, ScriptedLM(tokenizer, toy_oracle), tasks, k=2, max_turns=12, max_turn_tokens=40
     )
     assert all(e.won for e in episodes)
-    marker = rollout.block_marker
+    marker = batch.block_marker
     assert len(marker) >= 4
     for i, e in enumerate(episodes):
         # Turn t was generated from block t of the row: the prompt for t = 0, then the env block before answer t.
@@ -82,8 +83,8 @@ def test_packed_forward_scores_each_answer_on_its_own_context(tokenizer, make_mo
     trainer = EPOTrainer(model, args=args, train_dataset=make_dataset("train", 4), processing_class=tokenizer,
                          env_factory=ToyEnv)
     tasks = make_tasks("train", 2)
-    rollout, episodes, _, _ = play_windowed(tokenizer, trainer.model, tasks, k=1, max_turns=4, max_turn_tokens=6)
-    trainer.packed_block_marker = rollout.block_marker
+    batch, episodes, _, _ = play_windowed(tokenizer, trainer.model, tasks, k=1, max_turns=4, max_turn_tokens=6)
+    trainer._packed_block_marker = batch.block_marker
     # A left-padded batch of the two packed rows, as TRL builds it.
     width_p = max(len(e.prompt_ids) for e in episodes)
     width_c = max(len(e.completion_ids) for e in episodes)
@@ -128,4 +129,4 @@ def test_epo_trainer_trains_with_windowed_contexts(tokenizer, make_model, tmp_pa
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
     assert "epo/entropy_turn/2" in logs[-1]
-    assert trainer.packed_block_marker == trainer.rollout_func.block_marker
+    assert trainer._packed_block_marker == trainer.env_rollout.last_batch.block_marker is not None

@@ -112,7 +112,7 @@ def test_expert_sft_data_is_the_rollout_format(tokenizer, show_actions):
 
         rollout = MultiTurnRollout(ToyEnv, RolloutConfig(max_turns=20, max_turn_tokens=40, max_episode_tokens=8000,
                                                          pool_backend="inline", progress_bar=False, prompt_style=style))
-        (episode,), _ = rollout.play([task], ModelGenerator(ScriptedLM(tokenizer, replay), tokenizer), tokenizer)
+        (episode,) = rollout.play([task], ModelGenerator(ScriptedLM(tokenizer, replay), tokenizer), tokenizer).episodes
         assert episode.won and episode.messages == expert
         rows = compare.sft_rows([expert])
         assert len(rows["prompt"]) == len(plan) and rows["completion"][0] == [expert[2]]

@@ -155,7 +155,7 @@ def test_qlora_4bit_trains_only_the_adapter_and_the_saved_adapter_reloads(tmp_pa
         trainer.save_merged_model(str(tmp_path / "merged"))
     assert not (tmp_path / "merged").exists()
     # ... but into a full-precision copy of it, offline: W + scaling * B @ A on every adapted layer.
-    from trl_epo.hub import merge_adapter_checkpoint
+    from trl_epo.saving import merge_adapter_checkpoint
 
     merged_dir = merge_adapter_checkpoint(str(adapter_dir), str(tmp_path / "merged-fp32"), dtype="float32")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).state_dict()

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from trl_epo import EPOConfig, EPOTrainer
-from trl_epo.trainer import EPO_STATE_NAME
+from trl_epo.run_files import EPO_STATE_NAME
 
 from conftest import base_config_kwargs, count_a_reward
 
