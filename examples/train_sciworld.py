@@ -92,9 +92,9 @@ class SciWorldTrainArguments:
     warm_start_max_length: int = field(default=4096, metadata={"help": "Warm-start sequence length limit."})
 
 
-def env_kwargs_of(script_args: SciWorldTrainArguments, training_args: EPOConfig) -> dict:
+def env_kwargs_of(script_args: SciWorldTrainArguments, rollout_config: RolloutConfig) -> dict:
     return dict(
-        max_turns=training_args.env_max_turns,
+        max_turns=rollout_config.max_turns,  # the simulator's own move limit = the rollout's turn limit
         success_rule=script_args.success_rule,
         show_objects=script_args.show_objects,
         show_action_templates=script_args.show_action_templates,
@@ -160,18 +160,18 @@ def eval_datasets(script_args: SciWorldTrainArguments, train_tasks, task_kwargs)
     }
 
 
-def main():
+def main(argv: list[str] | None = None) -> EPOTrainer:
     parser = TrlParser((SciWorldTrainArguments, EPOConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
     check_java()
     log = PartialState().print  # main process only
     if model_args.model_name_or_path == "tiny":  # the convention of the other example scripts
         script_args.tiny_model = True
 
-    env_kwargs = env_kwargs_of(script_args, training_args)
     # The rollout's settings (ScienceWorld's registry defaults + the env_* flags): the warm start uses its prompts.
     rollout_config = RolloutConfig.from_args(training_args, env="sciworld")
     style = rollout_config.prompt_style
+    env_kwargs = env_kwargs_of(script_args, rollout_config)
     task_kwargs = dict(task_types=script_args.task_types, balanced=script_args.balanced,
                        simplification=script_args.simplification)
     dataset = make_dataset(script_args.train_split, num_tasks=script_args.num_train_tasks,
@@ -256,6 +256,7 @@ def main():
             log(f"Evaluation on {int(metrics[f'eval/{split}/episodes'])} {split} episodes (temperature "
                 f"{training_args.env_eval_temperature}): success {rate:.3f} [95% CI {low:.3f}-{high:.3f}]")
     trainer.end()  # finish the trackers and destroy the process group (last)
+    return trainer
 
 
 if __name__ == "__main__":

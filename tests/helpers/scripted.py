@@ -12,11 +12,14 @@ class ScriptedConfig(PretrainedConfig):
 
 
 class ScriptedLM(PreTrainedModel, GenerationMixin):
-    """`policy(conversation_text) -> answer_text`; the model emits the answer's tokens one by one, then EOS."""
+    """`policy(conversation_text) -> answer_text`; the model emits the answer's tokens one by one, then EOS.
+
+    `plain_text=True` writes special-token strings in the answer (e.g. "<|im_start|>") with ordinary tokens, as a
+    real model can; by default the tokenizer turns them into the special ids."""
 
     config_class = ScriptedConfig
 
-    def __init__(self, tokenizer, policy):
+    def __init__(self, tokenizer, policy, plain_text: bool = False):
         config = ScriptedConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id)
         super().__init__(config)
@@ -28,13 +31,15 @@ class ScriptedLM(PreTrainedModel, GenerationMixin):
         self.generation_config.eos_token_id = tokenizer.eos_token_id
         self.generation_config.pad_token_id = tokenizer.pad_token_id
         self.calls = 0
+        self.plain_text = plain_text
 
     def _next_token(self, ids):
         h = len(self.header)
         start = max(i for i in range(len(ids) - h + 1) if ids[i : i + h] == self.header) + h
         context, produced = ids[:start], ids[start:]
         answer = self.policy(self.tokenizer.decode(context))
-        target = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        encoded = self.tokenizer(answer, add_special_tokens=False, split_special_tokens=self.plain_text)["input_ids"]
+        target = encoded + [self.tokenizer.eos_token_id]
         return target[len(produced)] if len(produced) < len(target) else self.tokenizer.eos_token_id
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
