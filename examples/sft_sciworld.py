@@ -32,12 +32,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config  # noqa: E402
 
+from trl_epo.chat_templates import enable_assistant_masks  # noqa: E402
+from trl_epo.envs.registry import get_env  # noqa: E402
 from trl_epo.envs.sciworld import (  # noqa: E402
     SCIWORLD_INSTRUCTION,
     check_java,
-    enable_assistant_masks,
     expert_sft_dataset,
-    sciworld_prompt_style,
     to_prompt_completion,
 )
 
@@ -144,7 +144,7 @@ def main():
         simplification=script_args.simplification,
         task_types=script_args.task_types,
         balanced=script_args.balanced,
-        prompt_style=sciworld_prompt_style(),
+        prompt_style=get_env("sciworld").prompt_style(),
         env_kwargs=env_kwargs,
         num_workers=script_args.env_workers,
         **(dict(format="messages") if script_args.history_turns is None

@@ -29,16 +29,16 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.hub import EvalResult, save_eval_results, wilson_interval
+from trl_epo.chat_templates import enable_assistant_masks
 from trl_epo.envs import TaskSpec
+from trl_epo.envs.registry import get_env
 from trl_epo.envs.sciworld import (
     SCIWORLD_INSTRUCTION,
     ScienceWorldEnv,
     check_java,
-    enable_assistant_masks,
     expert_sft_dataset,
     make_dataset,
     make_tasks,
-    sciworld_prompt_style,
     to_prompt_completion,
 )
 from trl_epo.rollout import RolloutConfig, TrainerGenerator
@@ -192,7 +192,7 @@ def main():
         script_args.tiny_model = True
 
     env_kwargs = env_kwargs_of(script_args, training_args)
-    style = sciworld_prompt_style(
+    style = get_env("sciworld").prompt_style(
         instruction=training_args.env_instruction or SCIWORLD_INSTRUCTION,
         show_admissible_actions=training_args.env_show_admissible_actions,
         max_observation_chars=script_args.max_observation_chars,

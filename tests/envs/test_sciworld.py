@@ -17,11 +17,11 @@ import helpers.sciworld_required  # noqa: F401  (skips this module without scien
 import psutil  # noqa: E402  (a dependency of accelerate)
 
 from trl_epo.envs import ActionFormat, EnvPool, StepResult, TaskSpec  # noqa: E402
+from trl_epo.envs.registry import get_env  # noqa: E402
 from trl_epo.envs.sciworld import (  # noqa: E402
     HELD_OUT_TASK_TYPES,
     ScienceWorldEnv,
     expert_sft_dataset,
-    enable_assistant_masks,
     make_dataset,
     make_tasks,
     split_pairs,
@@ -80,8 +80,6 @@ def test_make_dataset_rows_and_sampling():
     assert balanced[0].extra == {"simplification": "openDoors"}
     with pytest.raises(ValueError, match="Unknown ScienceWorld split"):
         make_tasks("validation")
-    from trl_epo.envs.registry import get_env
-
     assert len(get_env("sciworld").make_tasks("heldout")) == 549  # the env registry's name for held_out_types
 
 
@@ -403,32 +401,16 @@ def test_expert_sft_dataset_replays_gold_paths_in_the_rollout_format():
         expert_sft_dataset(tasks=[task(first_task)], history=2, format="messages")
 
 
-def test_chatml_template_gains_assistant_masks_without_changing_its_rendering(tokenizer):
-    from trl_epo.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    conversation = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                    {"role": "assistant", "content": "<action>look around</action>"}, {"role": "user", "content": "v"}]
-    before = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    assert enable_assistant_masks(tok)
-    assert tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == before
-    out = tok.apply_chat_template(conversation[:3], return_assistant_tokens_mask=True, return_dict=True)
-    answer = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
-    assert tok.decode(answer) == "<action>look around</action><|im_end|>"
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # not ChatML: left alone
-    assert not enable_assistant_masks(tok)
-
-
 @pytest.mark.parametrize("history", [None, 1])
 def test_expert_prompts_are_exactly_what_the_rollout_shows(tokenizer, history):
     """Play a gold path through the real MultiTurnRollout (a scripted model answers with the gold actions) and check
     that every expert SFT prompt renders to the very context the policy was given, in both prompt layouts."""
     from helpers.scripted import ScriptedLM
 
-    from trl_epo.envs.sciworld import gold_episodes, sciworld_prompt_style
+    from trl_epo.envs.sciworld import gold_episodes
     from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 
-    style = sciworld_prompt_style()
+    style = get_env("sciworld").prompt_style()
     env_kwargs = dict(max_turns=30, show_objects=True)
     spec = task("lifespan-longest-lived", 3)
     episode = gold_episodes([spec], env_kwargs=env_kwargs)[0]
