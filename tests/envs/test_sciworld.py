@@ -330,6 +330,33 @@ def test_killed_jvm_or_worker_fails_the_episode_cleanly_and_leaves_no_orphans():
     assert not [pid for pid in seen if running(pid)], "java processes outlived pool.close()"
 
 
+def test_a_jvm_killed_before_it_can_be_reaped_is_reported_as_dead(monkeypatch):
+    """The race behind a once-flaky test: a SIGKILLed JVM closes its sockets before its parent can reap it, so the
+    liveness check (`poll()`) may still say "running" while the next simulator call fails on the connection. The
+    env must still say the JVM died (in a step), or start a fresh one (in a reset)."""
+    from trl_epo.envs.sciworld import JVMDiedError, ScienceWorldJVM
+
+    monkeypatch.setattr(ScienceWorldJVM, "alive", lambda self: True)  # a liveness check that has not caught up
+    environment = ScienceWorldEnv(show_objects=False)
+    try:
+        environment.reset(task("find-living-thing", 4))
+        first = environment.jvm_pid
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(JVMDiedError, match="JVM died during the episode.*killed by signal 9"):
+            environment.step("look around")
+        with pytest.raises(RuntimeError, match="reset"):  # the episode is gone with its JVM
+            environment.step("look around")
+        assert environment.reset(task("find-living-thing", 4)).info["task_description"]
+        second = environment.jvm_pid
+        assert second != first
+        os.kill(second, signal.SIGKILL)  # between episodes: the reset notices and starts a fresh JVM
+        assert environment.reset(task("find-living-thing", 4)).info["task_description"]
+        assert environment.jvm_pid not in (first, second)
+        assert environment.step("look around").env_error is None
+    finally:
+        environment.close()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Missing Java
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ Success is ``score == 100`` (the task is done). The paper's code counts ``done a
 game (a few useful moves, then ``wait`` until the move limit): that number is always reported as
 ``info["won_paper"]``, and ``success_rule="paper"`` makes it the success signal, for replication only.
 
-A JVM that dies (killed, out of memory) fails its episode with a `JVMDiedError` ("The ScienceWorld JVM died ...");
-the next `reset` starts a fresh JVM.
+A JVM that dies (killed, out of memory) fails its episode with a `JVMDiedError` ("The ScienceWorld JVM died ..."),
+whichever call noticed it first; the next `reset` starts a fresh JVM.
 
 Model text is data here: it is only ever sent to the simulator's own command parser.
 """
@@ -23,11 +23,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from py4j.protocol import Py4JError, Py4JJavaError
 from scienceworld.utils import infer_task
 
 from ..base import MAX_ACTION_CHARS, StepResult, TaskSpec
 from ..registry import find_env
-from .jvm import DEFAULT_JAVA_OPTIONS, JVMDiedError, ScienceWorldJVM, find_java
+from .jvm import DEFAULT_JAVA_OPTIONS, JVM_EXIT_GRACE_SECONDS, JVMDiedError, ScienceWorldJVM, find_java
 from .tasks import ALL_TASKS, DEFAULT_SIMPLIFICATION, ENV_NAME
 
 SUCCESS_RULES = ("score", "paper")
@@ -261,15 +262,29 @@ class ScienceWorldEnv:
 
         `starting`: the calls load a new episode, so a fresh JVM is started when there is none. Otherwise the calls
         continue the running episode, whose state died with its JVM.
+
+        A JVM's death shows in one of two ways: `poll()` already knows (checked first, no network call), or a call
+        fails on the connection. A killed JVM closes its sockets a little before it can be reaped (all its threads
+        must exit first), so right after a kill `poll()` may still say "running" while the call fails with a py4j
+        network error: such a failure waits briefly for the JVM to exit, so that a dead JVM is always reported as
+        dead, whichever sign came first. A Java exception (`Py4JJavaError`) means the JVM is alive: it is passed on.
         """
         jvm = self._jvm
         if jvm is not None and not jvm.alive():
             self._jvm_died(jvm, during_episode=not starting)
         if self._jvm is None:
             self._jvm = ScienceWorldJVM(self.java_options, self.java_path)
-        yield self._jvm.server
+        jvm = self._jvm
+        try:
+            yield jvm.server
+        except Py4JJavaError:
+            raise
+        except Py4JError as error:
+            if jvm.exited_within(JVM_EXIT_GRACE_SECONDS):
+                self._jvm_died(jvm, during_episode=True, cause=error)
+            raise
 
-    def _jvm_died(self, jvm: ScienceWorldJVM, during_episode: bool) -> None:
+    def _jvm_died(self, jvm: ScienceWorldJVM, during_episode: bool, cause: BaseException | None = None) -> None:
         """Drop a dead JVM; raise `JVMDiedError` when an episode was running in it (its state is gone)."""
         how = jvm.exit_description()
         jvm.close()
@@ -279,7 +294,7 @@ class ScienceWorldEnv:
             raise JVMDiedError(
                 f"The ScienceWorld JVM died during the episode ({how}; killed, or out of memory: see the "
                 "java_options' -Xmx); reset to start a new one."
-            )
+            ) from cause
 
     def _finish_turn(
         self, reply: str, previous: int, invalid: bool, completed: bool = False, ambiguous: bool = False
