@@ -14,7 +14,6 @@ from .registry import EnvSpec, get_env, register_env
 
 _LAZY = {
     "ToyEnv": "trl_epo.envs.toy",
-    "FaultyToyEnv": "trl_epo.envs.toy",
     "ScienceWorldEnv": "trl_epo.envs.sciworld",
     "AlfWorldEnv": "trl_epo.envs.alfworld",
 }

@@ -59,7 +59,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _worker_main(fd: int, parent_pid: int) -> None:
-    """Entry point of a worker process (``python -m trl_epo.envs._worker FD PARENT_PID``)."""
+    """Entry point of a worker process (started by `_Worker` with `_BOOTSTRAP`)."""
     conn = Connection(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes the pool
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
