@@ -7,6 +7,7 @@ only when that name is used.
 from importlib import import_module
 
 from .base import ActionFormat, StepResult, TaskSpec, TextEnv, parse_action, task_rows
+from .checker import CheckReport, TextEnvContractError, check_text_env
 from .pool import EnvPool
 from .prompting import PromptStyle
 from .registry import EnvSpec, get_env, register_env
@@ -20,12 +21,15 @@ _LAZY = {
 
 __all__ = [
     "ActionFormat",
+    "CheckReport",
     "EnvPool",
     "EnvSpec",
     "PromptStyle",
     "StepResult",
     "TaskSpec",
     "TextEnv",
+    "TextEnvContractError",
+    "check_text_env",
     "get_env",
     "parse_action",
     "register_env",
