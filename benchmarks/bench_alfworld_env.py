@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def bench_generator(out_dir: str, per_type: int, seed: int) -> dict[str, float]:
-    from trl_epo.envs.alfworld_engine import TASK_TYPES
-    from trl_epo.envs.alfworld_games import generate_game, write_game
+    from trl_epo.envs.alfworld import TASK_TYPES
+    from trl_epo.envs.alfworld.game_writer import write_game
+    from trl_epo.envs.alfworld.games import generate_game
 
     rates = {}
     for task_type in TASK_TYPES:
@@ -127,7 +128,7 @@ def env_task(task):
 def bench_stock(data_root: str, tasks, rounds: int, seed: int) -> dict[str, float]:
     """Stock TextWorld (PddlEnv + AlfredDemangler): load+reset per game and steps/s, for reference."""
     from trl_epo.envs.alfworld import resolve_data_root
-    from trl_epo.envs.alfworld_engine import stock_engine_play
+    from trl_epo.envs.alfworld.engine import stock_engine_play
 
     root = resolve_data_root(data_root)
     rng = random.Random(seed)

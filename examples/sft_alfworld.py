@@ -60,7 +60,7 @@ def build_dataset(script_args: ScriptArguments):
     from trl_epo.envs.alfworld import expert_sft_dataset, make_tasks
 
     if script_args.generate_per_type > 0:
-        from trl_epo.envs.alfworld_games import generate_games
+        from trl_epo.envs.alfworld.game_writer import generate_games
 
         if not script_args.data_root:
             raise SystemExit("--generate_per_type needs --data_root (where to write the games).")

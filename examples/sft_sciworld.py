@@ -32,11 +32,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config  # noqa: E402
 
-from trl_epo.envs import get_env  # noqa: E402
+from trl_epo.chat_templates import enable_assistant_masks  # noqa: E402
+from trl_epo.envs.registry import get_env  # noqa: E402
 from trl_epo.envs.sciworld import (  # noqa: E402
     SCIWORLD_INSTRUCTION,
     check_java,
-    enable_assistant_masks,
     expert_sft_dataset,
     to_prompt_completion,
 )

@@ -73,7 +73,7 @@ def prepare_games(script_args) -> str:
             except FileNotFoundError:
                 have = []
             if not have and PartialState().is_main_process:
-                from trl_epo.envs.alfworld_games import generate_games
+                from trl_epo.envs.alfworld.game_writer import generate_games
 
                 generate_games(root, split, script_args.generate_per_type, script_args.task_types,
                                seed=script_args.games_seed)

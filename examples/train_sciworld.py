@@ -27,11 +27,11 @@ from accelerate import PartialState
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from trl_epo import EPOConfig, EPOTrainer
+from trl_epo.chat_templates import enable_assistant_masks
 from trl_epo.envs import TaskSpec
 from trl_epo.envs.sciworld import (
     ScienceWorldEnv,
     check_java,
-    enable_assistant_masks,
     expert_sft_dataset,
     make_dataset,
     make_tasks,

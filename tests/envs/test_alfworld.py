@@ -12,6 +12,7 @@ import pytest
 from helpers.alfworld_testdata import small_game_task
 from trl_epo.envs import AlfWorldEnv, EnvPool, StepResult, TextEnv
 from trl_epo.envs.alfworld import (
+    TASK_TYPES,
     expert_episode,
     expert_sft_dataset,
     make_dataset,
@@ -19,7 +20,6 @@ from trl_epo.envs.alfworld import (
     normalize_command,
     resolve_data_root,
 )
-from trl_epo.envs.alfworld_engine import TASK_TYPES
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,14 +8,9 @@ import random
 
 import pytest
 
-from trl_epo.envs.alfworld_engine import (
-    CompiledGameCache,
-    new_engine,
-    read_game,
-    stock_engine_play,
-    task_sentence_from_grammar,
-)
-from trl_epo.envs.alfworld_expert import ExpertError, SceneFacts, expert_plan
+from trl_epo.envs.alfworld.engine import new_engine, stock_engine_play
+from trl_epo.envs.alfworld.pddl import CompiledGameCache, read_game, task_sentence_from_grammar
+from trl_epo.envs.alfworld.planner import ExpertError, SceneFacts, expert_plan
 
 
 def _random_walk(path, steps, seed):

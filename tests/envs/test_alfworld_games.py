@@ -7,17 +7,11 @@ import os
 import pytest
 
 from helpers.alfworld_testdata import GENERATED_PER_TYPE, GENERATED_SEED
-from trl_epo.envs.alfworld import AlfWorldEnv, make_dataset, make_tasks
-from trl_epo.envs.alfworld_engine import TASK_TYPES, read_game
-from trl_epo.envs import alfworld_games
-from trl_epo.envs.alfworld_games import (
-    UNSEEN_SCENES,
-    GenerationError,
-    generate_game,
-    load_scene,
-    main,
-    scene_numbers,
-)
+from trl_epo.envs.alfworld import TASK_TYPES, AlfWorldEnv, make_dataset, make_tasks, read_game
+from trl_epo.envs.alfworld import games
+from trl_epo.envs.alfworld.game_writer import main
+from trl_epo.envs.alfworld.games import GenerationError, generate_game
+from trl_epo.envs.alfworld.scenes import UNSEEN_SCENES, load_scene, scene_numbers, usable_scenes
 
 
 def test_generated_walkthroughs_win_through_the_engine_and_no_game_is_won_at_reset(generated_root, generated):
@@ -74,10 +68,10 @@ def test_generator_is_deterministic_for_a_seed(generated):
     for task_type in TASK_TYPES:
         drafts = []
         for _ in range(2):
-            rng = alfworld_games._rng(7, "train", task_type, 3, 0)
-            scene = rng.choice(alfworld_games._usable_scenes(task_type, "train"))
-            draft = alfworld_games._draft(scene, task_type, rng)
-            drafts.append(alfworld_games._problem(draft, task_type, "trial"))
+            rng = games._rng(7, "train", task_type, 3, 0)
+            scene = rng.choice(usable_scenes(task_type, "train"))
+            draft = games._draft(scene, task_type, rng)
+            drafts.append(games._problem(draft, task_type, "trial"))
         assert drafts[0] == drafts[1]
 
 
@@ -87,7 +81,7 @@ def test_unseen_scenes_stay_out_of_training_games(generated):
     assert set(scene_numbers("valid_unseen")) == set(UNSEEN_SCENES)
     assert all(g.scene not in UNSEEN_SCENES for g in generated)
     for task_type in TASK_TYPES:
-        assert all(s.number not in UNSEEN_SCENES for s in alfworld_games._usable_scenes(task_type, "train"))
+        assert all(s.number not in UNSEEN_SCENES for s in usable_scenes(task_type, "train"))
     unseen = generate_game("pick_and_place_simple", "valid_unseen", seed=0, index=0)
     assert unseen.scene in UNSEEN_SCENES and unseen.split == "valid_unseen"
     with pytest.raises(ValueError, match="Unknown split"):
@@ -101,16 +95,16 @@ def test_look_at_tasks_use_desk_lamps_on_furniture(generated):
         assert "FloorLamp" not in game.problem.split("(:goal", 1)[1]
     scene = load_scene(330)  # a bedroom with only a floor lamp offers no look-at task
     assert not scene.has_desk_lamp
-    assert all(s.has_desk_lamp for s in alfworld_games._usable_scenes("look_at_obj_in_light", "train"))
+    assert all(s.has_desk_lamp for s in usable_scenes("look_at_obj_in_light", "train"))
 
 
 def test_generation_errors_are_clear():
     with pytest.raises(ValueError, match="Unknown ALFWorld task type"):
         generate_game("pick_three_obj_and_place")
     # Heating needs a microwave: no living room or bedroom scene can host it.
-    assert all(s.room_type == "Kitchen" for s in alfworld_games._usable_scenes("pick_heat_then_place", "train"))
+    assert all(s.room_type == "Kitchen" for s in usable_scenes("pick_heat_then_place", "train"))
     with pytest.raises(GenerationError, match="offers no"):
-        alfworld_games._draft(load_scene(330), "pick_heat_then_place_in_recep", alfworld_games._rng(0, "", "", 0, 0))
+        games._draft(load_scene(330), "pick_heat_then_place_in_recep", games._rng(0, "", "", 0, 0))
 
 
 def test_command_line(tmp_path, capsys):

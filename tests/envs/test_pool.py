@@ -9,11 +9,11 @@ import time
 import psutil
 import pytest
 
-from trl_epo.envs import EnvPool, FaultyToyEnv, ToyEnv
+from trl_epo.envs import EnvPool, ToyEnv
 from trl_epo.envs.toy import expert_actions, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 
-from helpers.pool_envs import ChildProcessEnv, ExitingEnv, PrefetchRecordingEnv
+from helpers.pool_envs import ChildProcessEnv, ExitingEnv, FaultyToyEnv, PrefetchRecordingEnv
 from helpers.scripted import ScriptedLM
 
 

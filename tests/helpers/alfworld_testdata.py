@@ -49,7 +49,7 @@ def real_games_root() -> str | None:
 @functools.lru_cache(maxsize=None)
 def generated_games():
     """(data root, games): GENERATED_PER_TYPE games of each task type, generated with GENERATED_SEED."""
-    from trl_epo.envs.alfworld_games import generate_games
+    from trl_epo.envs.alfworld.game_writer import generate_games
 
     root = _temp_dir("alfworld-generated-")
     games = generate_games(root, "train", per_type=GENERATED_PER_TYPE, seed=GENERATED_SEED)

@@ -13,10 +13,11 @@ import torch
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.envs.base import ActionFormat, TaskSpec
 from trl_epo.envs.prompting import PromptStyle
-from trl_epo.envs.toy import FaultyToyEnv, ToyEnv, make_dataset, make_tasks
+from trl_epo.envs.toy import ToyEnv, make_dataset, make_tasks
 from trl_epo.rollout import MultiTurnRollout, ModelGenerator, RolloutConfig
 
 from conftest import base_config_kwargs
+from helpers.pool_envs import FaultyToyEnv
 from helpers.scripted import ScriptedLM
 from helpers.policies import garbage_policy, toy_solver
 

@@ -7,6 +7,7 @@ only when that name is used.
 from importlib import import_module
 
 from .base import ActionFormat, StepResult, TaskSpec, TextEnv, parse_action, task_rows
+from .checker import CheckReport, TextEnvContractError, check_text_env
 from .pool import EnvPool
 from .prompting import PromptStyle
 from .registry import EnvSpec, get_env, register_env
@@ -14,19 +15,21 @@ from .registry import EnvSpec, get_env, register_env
 
 _LAZY = {
     "ToyEnv": "trl_epo.envs.toy",
-    "FaultyToyEnv": "trl_epo.envs.toy",
     "ScienceWorldEnv": "trl_epo.envs.sciworld",
     "AlfWorldEnv": "trl_epo.envs.alfworld",
 }
 
 __all__ = [
     "ActionFormat",
+    "CheckReport",
     "EnvPool",
     "EnvSpec",
     "PromptStyle",
     "StepResult",
     "TaskSpec",
     "TextEnv",
+    "TextEnvContractError",
+    "check_text_env",
     "get_env",
     "parse_action",
     "register_env",

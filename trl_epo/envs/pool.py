@@ -3,11 +3,11 @@
 An `EnvPool` owns `size` environment *slots*; each slot holds one env instance and plays one episode at a time.
 Three backends:
 
-* ``"process"`` (default): one worker process per slot, each its own process group (an env's own child processes,
-  such as ScienceWorld's JVM, live and die with it). A call that raises fails that episode and the env is rebuilt on
-  the next reset; a call that runs past its timeout, or a worker that dies, fails that episode and the worker is
-  killed (with its whole process group) and restarted on the next reset. Workers exit by themselves when the parent
-  process disappears, so no process outlives the trainer.
+* ``"process"`` (default): one worker process per slot (`worker.WorkerProcess`), each its own process group (an
+  env's own child processes, such as ScienceWorld's JVM, live and die with it). A call that raises fails that episode
+  and the env is rebuilt on the next reset; a call that runs past its timeout, or a worker that dies, fails that
+  episode and the worker is killed (with its whole process group) and restarted on the next reset. Workers exit by
+  themselves when the parent process disappears, so no process outlives the trainer.
 * ``"thread"``: a thread per slot, for thread-safe, pure-Python envs. A hung call cannot be killed; its env instance
   is abandoned and replaced.
 * ``"inline"``: sequential calls in the caller's thread, no timeouts (debugging).
@@ -18,166 +18,27 @@ Failures never raise out of the pool: they come back as `StepResult.failure(mess
 
 from __future__ import annotations
 
-import os
+import contextlib
 import pickle
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import threading
 import time
-import traceback
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import StepResult, TextEnv
+from .worker import WorkerProcess
 
+if TYPE_CHECKING:  # annotations only: this module stays standard library at run time
+    from typing_extensions import Self
 
 EnvFactory = Callable[[], TextEnv]
 
 BACKENDS = ("process", "thread", "inline")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Worker process
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Kill this worker's process group when the parent dies (even if the env is stuck in a call)."""
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent_pid:
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-
-
-def _worker_main(fd: int, parent_pid: int) -> None:
-    """Entry point of a worker process (``python -m trl_epo.envs._worker FD PARENT_PID``)."""
-    conn = Connection(fd)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes the pool
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    try:
-        factory = pickle.loads(conn.recv_bytes())
-    except Exception as error:  # e.g. the factory's module cannot be imported here
-        conn.send(("error", f"could not load the env factory in the worker: {type(error).__name__}: {error}"))
-        conn.close()
-        return
-    env = None
-    while True:
-        try:
-            command, payload = conn.recv()
-        except (EOFError, OSError):
-            break
-        if command == "close":
-            break
-        if command == "prefetch":  # a hint, no reply: let the env prepare upcoming tasks in the background
-            try:
-                if env is None:
-                    env = factory()
-                hint = getattr(env, "prefetch", None)
-                if callable(hint):
-                    hint(payload)
-            except Exception:
-                pass  # a failed hint costs nothing: the real reset reports any problem
-            continue
-        try:
-            if env is None:
-                env = factory()
-            result = env.reset(payload) if command == "reset" else env.step(payload)
-            conn.send(("ok", result))
-        except Exception as error:  # the env failed: report, drop the instance, keep the worker
-            message = f"{type(error).__name__}: {error}"
-            try:
-                conn.send(("error", message + "\n" + traceback.format_exc(limit=5)))
-            except (OSError, EOFError):
-                break
-            try:
-                if env is not None:
-                    env.close()
-            except Exception:
-                pass
-            env = None
-    try:
-        if env is not None:
-            env.close()
-    finally:
-        conn.close()
-
-
-_BOOTSTRAP = (
-    "import sys; sys.path.insert(0, sys.argv[3]); "
-    "from trl_epo.envs.pool import _worker_main; _worker_main(int(sys.argv[1]), int(sys.argv[2]))"
-)
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class _Worker:
-    """A worker process: a fresh interpreter (no re-import of the trainer's __main__, no fork of its threads) in its
-    own session/process group, talking over a socket pair. It imports this very `trl_epo` (not whatever another
-    checkout in the working directory holds) and sees the parent's import path. Its stderr goes to a temporary file
-    whose tail is quoted when the worker dies."""
-
-    def __init__(self, factory_bytes: bytes):
-        parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ)
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
-        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        self.stderr = tempfile.TemporaryFile()
-        self.stderr_tail_after_kill = ""
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, str(child_sock.fileno()), str(os.getpid()), _PACKAGE_ROOT],
-            pass_fds=(child_sock.fileno(),),
-            start_new_session=True,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stderr=self.stderr,
-        )
-        child_sock.close()
-        self.conn = Connection(parent_sock.detach())
-        try:
-            self.conn.send_bytes(factory_bytes)  # the worker answers its first command once the factory is loaded
-        except (OSError, EOFError, BrokenPipeError):
-            pass  # it died at start: the first command reports it, with its stderr
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def is_alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stderr_tail(self, limit: int = 1500) -> str:
-        """The end of what the worker wrote to stderr (empty when nothing)."""
-        try:
-            self.stderr.seek(0, os.SEEK_END)
-            size = self.stderr.tell()
-            self.stderr.seek(max(0, size - limit))
-            text = self.stderr.read().decode("utf-8", "replace").strip()
-        except (OSError, ValueError):
-            return ""
-        return f" Worker stderr (end): {text}" if text else ""
-
-    def kill(self) -> None:
-        for target in (lambda: os.killpg(self.process.pid, signal.SIGKILL), self.process.kill):
-            try:
-                target()
-            except (ProcessLookupError, PermissionError, OSError):
-                pass
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            pass
-        self.conn.close()
-        if not self.stderr.closed:
-            self.stderr_tail_after_kill = self.stderr_tail()
-            self.stderr.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -226,7 +87,7 @@ class EnvPool:
                     "The process backend needs a picklable env factory (a class, a module-level function or a "
                     f"functools.partial of one), not {env_factory!r}: {error}. Or use backend='thread'."
                 ) from error
-            self._workers: list[_Worker | None] = [None] * size
+            self._workers: list[WorkerProcess | None] = [None] * size
         else:
             self._envs: list[TextEnv | None] = [None] * size
             self._executor = ThreadPoolExecutor(max_workers=size) if backend == "thread" else None
@@ -259,10 +120,8 @@ class EnvPool:
             else:
                 hint = getattr(self._envs[slot], "prefetch", None)
                 if callable(hint):
-                    try:
+                    with contextlib.suppress(Exception):  # a hint never fails: the real reset reports any problem
                         hint(list(tasks))
-                    except Exception:
-                        pass
         self.stats["prefetch_hints"] += len(assignments)
 
     def close(self) -> None:
@@ -271,7 +130,7 @@ class EnvPool:
             self._closed = True
             self._finalizer()
 
-    def __enter__(self) -> EnvPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -312,7 +171,7 @@ class EnvPool:
                     results[index] = self._fail("worker_died", "env worker is not running (it died or was killed)")
                     continue
                 self._discard_worker(slot)
-                worker = self._workers[slot] = _Worker(self._factory_bytes)
+                worker = self._workers[slot] = WorkerProcess(self._factory_bytes)
                 self.stats["worker_starts"] += 1
             try:
                 worker.conn.send((command, payload))
@@ -352,8 +211,6 @@ class EnvPool:
         worker.kill()  # first, so that its stderr is complete
         return worker.stderr_tail_after_kill
 
-
-
     def _call_env(self, command: str, slot: int, payload: Any) -> StepResult:
         env = self._envs[slot]
         if env is None:
@@ -365,15 +222,13 @@ class EnvPool:
     def _drop_env(self, slot: int) -> None:
         env, self._envs[slot] = self._envs[slot], None
         if env is not None:
-            try:
+            with contextlib.suppress(Exception):  # the instance is dropped whether or not it closes cleanly
                 env.close()
-            except Exception:
-                pass
 
     def _call_inline(self, command, slot, payload) -> StepResult:
         try:
             return self._call_env(command, slot, payload)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any env exception fails just that episode
             self._drop_env(slot)
             return self._fail("env_exceptions", f"env raised during {command}: {type(error).__name__}: {error}")
 
@@ -388,7 +243,7 @@ class EnvPool:
                 hung = True
                 self._envs[slot] = None  # abandon the hung instance; a fresh one is built on the next reset
                 results.append(self._fail("timeouts", f"env {command} timed out after {timeout:.1f} s"))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - any env exception fails just that episode
                 self._drop_env(slot)
                 results.append(
                     self._fail("env_exceptions", f"env raised during {command}: {type(error).__name__}: {error}")
@@ -419,10 +274,8 @@ class EnvPool:
         else:
             for slot, env in enumerate(state["_envs"]):
                 if env is not None:
-                    try:
+                    with contextlib.suppress(Exception):  # shutting down: one env's close must not stop the others
                         env.close()
-                    except Exception:
-                        pass
                 state["_envs"][slot] = None
             if state.get("_executor") is not None:
                 state["_executor"].shutdown(wait=False, cancel_futures=True)

@@ -14,9 +14,7 @@ state), so it runs in any `EnvPool` backend.
 
 from __future__ import annotations
 
-import os
 import random
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -205,34 +203,3 @@ def make_dataset(split: str = "train", num_tasks: int = 16, seed: int = 0):
     from datasets import Dataset
 
     return Dataset.from_dict(task_rows(make_tasks(split, num_tasks, seed)))
-
-
-class FaultyToyEnv(ToyEnv):
-    """A toy env that misbehaves on purpose, to test robustness.
-
-    A task whose `extra["fault"]` is ``"raise"``, ``"hang"`` or ``"exit"`` fails at step `extra.get("fault_step", 1)`:
-    it raises, sleeps for `hang_seconds`, or kills its own process (process backend only). Other tasks play normally,
-    so a batch can mix healthy and failing episodes.
-    """
-
-    def __init__(self, hang_seconds: float = 3600.0, **kwargs):
-        super().__init__(**kwargs)
-        self.hang_seconds = hang_seconds
-
-    def reset(self, task):
-        spec = TaskSpec.from_row(task)
-        self.fault = spec.extra.get("fault")
-        self.fault_step = int(spec.extra.get("fault_step", 1))
-        if self.fault not in (None, "raise", "hang", "exit"):
-            raise ValueError(f"fault must be 'raise', 'hang' or 'exit', got {self.fault!r}.")
-        return super().reset(spec)
-
-    def step(self, action: str) -> StepResult:
-        if self.fault is not None and self.steps + 1 == self.fault_step:
-            if self.fault == "raise":
-                raise RuntimeError("injected env failure")
-            if self.fault == "hang":
-                time.sleep(self.hang_seconds)
-            if self.fault == "exit":
-                os._exit(17)
-        return super().step(action)

@@ -1,9 +1,9 @@
-"""A constructive expert for ALFWorld games: reads the initial PDDL facts of a game and writes the commands that solve
+"""The expert planner for ALFWorld games: reads the initial PDDL facts of a game and writes the commands that solve
 it (go to the object's receptacle, open it if needed, take the object, heat / cool / clean it, go to the target
 receptacle, open it, put the object down; for look-at tasks: take the object and switch on the lamp next to it).
 
-No search and no planner (fast-downward's planner can take more than a minute on pick-two games): the plan follows
-the task's fixed recipe, so it is linear in the size of the scene. It is an *oracle* (it knows where everything is),
+No search (fast-downward's own planner can take more than a minute on pick-two games): the plan follows the task's
+fixed recipe, so it is linear in the size of the scene. It is an *oracle* (it knows where everything is),
 used to write walkthroughs of generated games, to check that games are solvable by replaying the plan through the
 real engine, and to build supervised (SFT) data. Pure functions of the facts; no engine needed.
 """
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .alfworld_engine import canonical_task_type
+from .pddl import canonical_task_type
 
 
 class ExpertError(ValueError):
@@ -68,7 +68,7 @@ class SceneFacts:
 
 def _type_name(value: str) -> str:
     value = value.lower()
-    return value[: -len("type")] if value.endswith("type") else value
+    return value.removesuffix("type")
 
 
 class _Plan:
@@ -150,8 +150,11 @@ def expert_plan(scene: SceneFacts, task_type: str, params: Mapping[str, Any]) ->
     plan = _Plan(scene)
     needed = _NEEDS.get(task_type)
     candidates = [
-        o for o, t in scene.object_type.items()
-        if t == target and o in plan.container and scene.has("pickupable", o)
+        o
+        for o, t in scene.object_type.items()
+        if t == target
+        and o in plan.container
+        and scene.has("pickupable", o)
         and (needed is None or scene.has(needed[0], o))
     ]
     if not candidates:
@@ -163,8 +166,11 @@ def expert_plan(scene: SceneFacts, task_type: str, params: Mapping[str, Any]) ->
     if task_type == "look_at_obj_in_light":
         toggle = str(params.get("toggle_target") or "").lower()
         lamps = sorted(
-            (o for o, t in scene.object_type.items() if t == toggle and o in scene.container
-             and scene.has("toggleable", o)),
+            (
+                o
+                for o, t in scene.object_type.items()
+                if t == toggle and o in scene.container and scene.has("toggleable", o)
+            ),
             key=lambda o: scene.names.get(o, o),
         )
         if not lamps:
