@@ -35,8 +35,10 @@ def bench_generator(out_dir: str, per_type: int, seed: int) -> dict[str, float]:
             write_game(generate_game(task_type, "train", seed, index), out_dir)
         elapsed = time.perf_counter() - start
         rates[task_type] = 60.0 * per_type / elapsed
-        print(f"  generator {task_type:32s} {per_type} games in {elapsed:6.1f} s = {rates[task_type]:6.1f} games/min",
-              flush=True)
+        print(
+            f"  generator {task_type:32s} {per_type} games in {elapsed:6.1f} s = {rates[task_type]:6.1f} games/min",
+            flush=True,
+        )
     return rates
 
 
@@ -49,7 +51,7 @@ def bench_pool(data_root: str, tasks, workers: int, rounds: int, seed: int) -> d
     with EnvPool(factory, size=workers, backend="process", step_timeout=120, reset_timeout=600) as pool:
         # Start the workers (interpreter + imports + engine) outside the timings: reset once on a small game.
         pool.reset([(slot, tasks[0]) for slot in range(workers)])
-        waves = [tasks[i:i + workers] for i in range(0, len(tasks), workers)]
+        waves = [tasks[i : i + workers] for i in range(0, len(tasks), workers)]
         for label in ("cold", "cached"):
             start = time.perf_counter()
             for wave in waves:
@@ -62,8 +64,11 @@ def bench_pool(data_root: str, tasks, workers: int, rounds: int, seed: int) -> d
         for wave in waves:
             results = pool.reset(list(enumerate(wave)))
             for _ in range(rounds):
-                calls = [(slot, rng.choice(r.admissible_actions)) for slot, r in enumerate(results)
-                         if r.admissible_actions and not r.done]
+                calls = [
+                    (slot, rng.choice(r.admissible_actions))
+                    for slot, r in enumerate(results)
+                    if r.admissible_actions and not r.done
+                ]
                 if not calls:
                     break
                 stepped = pool.step(calls)
@@ -113,9 +118,12 @@ def bench_single_env(data_root: str, tasks, rounds: int, seed: int) -> dict[str,
         prefetched.append(time.perf_counter() - start)
     env.close()
     return {
-        "reset_cold_s": statistics.mean(cold), "reset_cold_max_s": max(cold),
-        "reset_cached_s": statistics.mean(cached), "reset_prefetched_s": statistics.mean(prefetched),
-        "step_ms": 1000 * statistics.mean(step_times), "steps_per_s": len(step_times) / sum(step_times),
+        "reset_cold_s": statistics.mean(cold),
+        "reset_cold_max_s": max(cold),
+        "reset_cached_s": statistics.mean(cached),
+        "reset_prefetched_s": statistics.mean(prefetched),
+        "step_ms": 1000 * statistics.mean(step_times),
+        "steps_per_s": len(step_times) / sum(step_times),
     }
 
 
@@ -177,8 +185,11 @@ def main(argv=None):
     print("One env in-process: " + ", ".join(f"{k}={v:.3f}" for k, v in single.items()), flush=True)
     for workers in args.workers:
         result = bench_pool(data_root, tasks, workers, args.rounds, args.seed)
-        print(f"EnvPool process backend, {workers} worker(s): " + ", ".join(
-            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()), flush=True)
+        print(
+            f"EnvPool process backend, {workers} worker(s): "
+            + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()),
+            flush=True,
+        )
     if args.stock:
         stock = bench_stock(data_root, tasks[: min(4, len(tasks))], min(args.rounds, 10), args.seed)
         print("Stock TextWorld (reference): " + ", ".join(f"{k}={v:.3f}" for k, v in stock.items()), flush=True)

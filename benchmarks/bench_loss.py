@@ -54,7 +54,6 @@ ARMS = {
 }
 
 
-
 @dataclass
 class BenchLossArguments:
     hidden_size: int = field(default=256, metadata={"help": "Model width."})
@@ -76,7 +75,9 @@ class BenchLossArguments:
     output: str | None = field(default=None, metadata={"help": "JSON file for the results."})
     arms: list[str] = field(
         default_factory=lambda: ["grpo", "epo", "epo_off", "trl_entropy"],
-        metadata={"help": "Trainers to time (grpo and epo always): " + "; ".join(f"{k}: {v}" for k, v in ARMS.items())},
+        metadata={
+            "help": "Trainers to time (grpo and epo always): " + "; ".join(f"{k}: {v}" for k, v in ARMS.items())
+        },
     )
     tiny: bool = field(default=False, metadata={"help": "Seconds-long smoke setting."})
 
@@ -96,10 +97,17 @@ def build_model(args: BenchLossArguments, pad_token_id: int, eos_token_id: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "qwen2", vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-        num_key_value_heads=max(1, args.num_heads // 2), max_position_embeddings=args.prompt_length
-        + args.completion_length + 8, tie_word_embeddings=True, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+        "qwen2",
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=4 * args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=max(1, args.num_heads // 2),
+        max_position_embeddings=args.prompt_length + args.completion_length + 8,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
     )
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
@@ -133,8 +141,13 @@ def build_batch(args: BenchLossArguments, device):
             tool_mask[b, start : start + max(1, (end - start) // 2)] = 1  # the answer; the rest is the observation
     advantages = torch.randn(B, generator=g)
     batch = {
-        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-        "completion_mask": completion_mask, "tool_mask": tool_mask, "turn_ids": turn_ids, "advantages": advantages,
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "tool_mask": tool_mask,
+        "turn_ids": turn_ids,
+        "advantages": advantages,
     }
     batch["num_items_in_batch"] = (completion_mask * tool_mask).sum()
     return {k: v.to(device) for k, v in batch.items()}
@@ -147,10 +160,20 @@ def build_trainer(arm: str, args: BenchLossArguments, model, tokenizer, output_d
     from trl_epo import EPOConfig, EPOTrainer
 
     common = dict(
-        output_dir=output_dir, per_device_train_batch_size=args.batch_size, num_generations=args.batch_size,
-        max_completion_length=args.completion_length, loss_type=args.loss_type, report_to="none",
-        bf16=args.dtype == "bfloat16", use_cpu=args.device == "cpu", gradient_checkpointing=False, max_steps=100,
-        disable_tqdm=True, save_strategy="no", logging_steps=1000, dataloader_num_workers=0,
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        num_generations=args.batch_size,
+        max_completion_length=args.completion_length,
+        loss_type=args.loss_type,
+        report_to="none",
+        bf16=args.dtype == "bfloat16",
+        use_cpu=args.device == "cpu",
+        gradient_checkpointing=False,
+        max_steps=100,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1000,
+        dataloader_num_workers=0,
     )
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "x"}]] * args.batch_size})
 
@@ -380,11 +403,14 @@ def report(result: dict) -> str:
             f"| {arm} | {r['time_s']['median']:.4f} | {r['time_ratio']:.3f} ({r['time_ratio_paired_median']:.3f}, "
             f"{low:.3f}-{high:.3f}) | {r['peak_bytes'] / 2**20:.1f} | {r['memory_ratio']:.3f} |"
         )
-    lines.append(f"EPOTrainer's own terms alone (its _compute_loss code + their backward, base loss stubbed): "
-                 f"{1000 * result['epo_terms_only_s']:.2f} ms per call = "
-                 f"{100 * result['epo_terms_only_fraction_of_grpo']:.2f}% of GRPO's compute_loss + backward")
-    lines.append(f"targets for epo: time <= {result['targets']['time_ratio']}, memory <= "
-                 f"{result['targets']['memory_ratio']}")
+    lines.append(
+        f"EPOTrainer's own terms alone (its _compute_loss code + their backward, base loss stubbed): "
+        f"{1000 * result['epo_terms_only_s']:.2f} ms per call = "
+        f"{100 * result['epo_terms_only_fraction_of_grpo']:.2f}% of GRPO's compute_loss + backward"
+    )
+    lines.append(
+        f"targets for epo: time <= {result['targets']['time_ratio']}, memory <= {result['targets']['memory_ratio']}"
+    )
     return "\n".join(lines)
 
 

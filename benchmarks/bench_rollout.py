@@ -39,13 +39,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @dataclass
 class BenchRolloutArguments:
-    envs: list[str] = field(default_factory=lambda: ["toy", "sciworld", "alfworld"],
-                            metadata={"help": "Environments; those whose module is missing are skipped."})
-    policies: list[str] = field(default_factory=lambda: ["model", "random_valid"],
-                                metadata={"help": "'model' and/or 'random_valid' (see the module docstring)."})
+    envs: list[str] = field(
+        default_factory=lambda: ["toy", "sciworld", "alfworld"],
+        metadata={"help": "Environments; those whose module is missing are skipped."},
+    )
+    policies: list[str] = field(
+        default_factory=lambda: ["model", "random_valid"],
+        metadata={"help": "'model' and/or 'random_valid' (see the module docstring)."},
+    )
     pool_sizes: list[int] = field(default_factory=lambda: [1, 32], metadata={"help": "Env workers to compare."})
-    backends: list[str] = field(default_factory=lambda: ["process", "inline"],
-                                metadata={"help": "EnvPool backends (inline is run at the largest pool size only)."})
+    backends: list[str] = field(
+        default_factory=lambda: ["process", "inline"],
+        metadata={"help": "EnvPool backends (inline is run at the largest pool size only)."},
+    )
     num_episodes: int = field(default=32, metadata={"help": "Episodes per measurement."})
     split: str = field(default="train", metadata={"help": "Split the tasks come from."})
     max_turns: int = field(default=8, metadata={"help": "Turns per episode."})
@@ -137,15 +143,26 @@ def measure(env_name, tasks, factory, policy, pool_size, backend, model, tokeniz
     from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 
     config = RolloutConfig(
-        max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens, max_episode_tokens=1 << 20,
-        pool_backend=backend, pool_size=pool_size, step_timeout=args.step_timeout, progress_bar=False,
+        max_turns=args.max_turns,
+        max_turn_tokens=args.max_turn_tokens,
+        max_episode_tokens=1 << 20,
+        pool_backend=backend,
+        pool_size=pool_size,
+        step_timeout=args.step_timeout,
+        progress_bar=False,
     )
     rollout = MultiTurnRollout(factory, config)
 
     def generator():
         if policy == "model":
-            return ModelGenerator(model, tokenizer, temperature=args.temperature, max_completion_length=1 << 20,
-                                  progress_bar=False, reuse_kv_cache=args.reuse_kv_cache)
+            return ModelGenerator(
+                model,
+                tokenizer,
+                temperature=args.temperature,
+                max_completion_length=1 << 20,
+                progress_bar=False,
+                reuse_kv_cache=args.reuse_kv_cache,
+            )
         return RandomValidGenerator(tokenizer, seed=args.seed)
 
     try:
@@ -226,8 +243,11 @@ def run(args: BenchRolloutArguments) -> dict:
             for backend, size in configs:
                 row = measure(env_name, tasks, factory, policy, size, backend, model, tokenizer, args)
                 rows.append(row)
-                print(f"[bench_rollout] {env_name} {policy} {backend} x{size}: {row['episodes_per_s']:.2f} episodes/s, "
-                      f"{row['env_steps_per_s']:.1f} env steps/s, {row['generated_tokens_per_s']:.0f} tokens/s", flush=True)
+                print(
+                    f"[bench_rollout] {env_name} {policy} {backend} x{size}: {row['episodes_per_s']:.2f} episodes/s, "
+                    f"{row['env_steps_per_s']:.1f} env steps/s, {row['generated_tokens_per_s']:.0f} tokens/s",
+                    flush=True,
+                )
     return {
         "settings": asdict(args),
         "model": args.model or f"tiny random qwen2 (h={args.hidden_size}, L={args.num_layers})",

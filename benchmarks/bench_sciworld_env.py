@@ -45,8 +45,12 @@ def measure_single_env(tasks, env_kwargs) -> dict:
         rss = psutil.Process(env.jvm_pid).memory_info().rss / 2**20
     finally:
         env.close()
-    return {"first_reset_s": first, "reset_s_mean": statistics.mean(resets), "reset_s_median": statistics.median(resets),
-            "jvm_rss_mib_after_resets": rss}
+    return {
+        "first_reset_s": first,
+        "reset_s_mean": statistics.mean(resets),
+        "reset_s_median": statistics.median(resets),
+        "jvm_rss_mib_after_resets": rss,
+    }
 
 
 def run_pool(plans, workers: int, env_kwargs) -> dict:
@@ -125,22 +129,29 @@ def main():
     print(f"{len(plans)} episodes, {sum(len(a) for _, a in plans)} gold steps (cut at {args.max_turns} turns)\n")
 
     results = {"single_env": measure_single_env(tasks[:12], {"max_turns": args.max_turns})}
-    print("single env: first reset (JVM start + load) {first_reset_s:.2f} s, warm reset mean {reset_s_mean:.3f} s "
-          "(median {reset_s_median:.3f} s), JVM RSS {jvm_rss_mib_after_resets:.0f} MiB".format(**results["single_env"]))
+    print(
+        "single env: first reset (JVM start + load) {first_reset_s:.2f} s, warm reset mean {reset_s_mean:.3f} s "
+        "(median {reset_s_median:.3f} s), JVM RSS {jvm_rss_mib_after_resets:.0f} MiB".format(**results["single_env"])
+    )
     configs = [(False, 1), (False, args.workers)]
     if not args.skip_admissible:
         configs += [(True, 1), (True, args.workers)]
-    header = f"{'admissible':>10} {'workers':>7} {'steps':>6} {'steps/s':>8} {'+resets':>8} {'reset s':>8} " \
-             f"{'JVM MiB':>8} {'worker MiB':>10}"
+    header = (
+        f"{'admissible':>10} {'workers':>7} {'steps':>6} {'steps/s':>8} {'+resets':>8} {'reset s':>8} "
+        f"{'JVM MiB':>8} {'worker MiB':>10}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     results["runs"] = []
     for admissible, workers in configs:
         run = run_pool(plans, workers, {"max_turns": args.max_turns, "admissible_actions": admissible})
         run["admissible_actions"] = admissible
         results["runs"].append(run)
-        print(f"{str(admissible):>10} {workers:>7} {run['steps']:>6} {run['steps_per_s']:>8.1f} "
-              f"{run['steps_per_s_incl_resets']:>8.1f} {run['reset_s_mean']:>8.3f} {run['jvm_rss_mib']:>8.0f} "
-              f"{run['worker_rss_mib']:>10.0f}" + (f"  ({run['errors']} errors)" if run["errors"] else ""), flush=True)
+        print(
+            f"{str(admissible):>10} {workers:>7} {run['steps']:>6} {run['steps_per_s']:>8.1f} "
+            f"{run['steps_per_s_incl_resets']:>8.1f} {run['reset_s_mean']:>8.3f} {run['jvm_rss_mib']:>8.0f} "
+            f"{run['worker_rss_mib']:>10.0f}" + (f"  ({run['errors']} errors)" if run["errors"] else ""),
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

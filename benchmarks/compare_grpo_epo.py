@@ -117,7 +117,8 @@ def prompt_style(args: CompareArguments):
 def expert_conversation(task, style=None) -> list[dict[str, str]]:
     """The conversation the rollout would record if the model answered every turn with the expert action, as
     `<action>...</action>` (same system message, first user message and observation texts as `MultiTurnRollout`)."""
-    from trl_epo.envs.prompting import PromptStyle, expert_conversation as conversation
+    from trl_epo.envs.prompting import PromptStyle
+    from trl_epo.envs.prompting import expert_conversation as conversation
     from trl_epo.envs.toy import ToyEnv, expert_actions
 
     env = ToyEnv()
@@ -174,8 +175,11 @@ class _Progress(TrainerCallback):
         if state.global_step % self.every == 0 and self.recent:
             success = statistics.fmean(h["rollout/success_rate"] for h in self.recent)
             entropy = statistics.fmean(h.get("epo/entropy", math.nan) for h in self.recent)
-            print(f"[compare]   {self.name}: step {state.global_step}/{state.max_steps}, train success {success:.3f}, "
-                  f"entropy {entropy:.3f}, {time.perf_counter() - self.start:.0f}s", flush=True)
+            print(
+                f"[compare]   {self.name}: step {state.global_step}/{state.max_steps}, train success {success:.3f}, "
+                f"entropy {entropy:.3f}, {time.perf_counter() - self.start:.0f}s",
+                flush=True,
+            )
             self.recent = []
 
 
@@ -200,13 +204,25 @@ def run_sft(args: CompareArguments, out: str) -> dict:
     base = build_tiny_tokenizer()
     texts = [base.apply_chat_template(c, tokenize=False) for c in conversations[:200]]
     tokenizer = build_tiny_tokenizer(texts, vocab_size=args.vocab_size)
-    model = build_tiny_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                             num_heads=args.num_heads, seed=0)
+    model = build_tiny_model(
+        tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads, seed=0
+    )
     dataset = Dataset.from_dict(sft_rows(conversations)).shuffle(seed=0)
     config = SFTConfig(
-        output_dir=os.path.join(out, "trainer"), max_steps=args.sft_steps, per_device_train_batch_size=args.sft_batch_size,
-        learning_rate=args.sft_learning_rate, lr_scheduler_type="constant", warmup_steps=0, logging_steps=10,
-        save_strategy="no", report_to="none", use_cpu=True, bf16=False, max_length=2048, disable_tqdm=True, seed=0,
+        output_dir=os.path.join(out, "trainer"),
+        max_steps=args.sft_steps,
+        per_device_train_batch_size=args.sft_batch_size,
+        learning_rate=args.sft_learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        max_length=2048,
+        disable_tqdm=True,
+        seed=0,
         dataloader_num_workers=0,
     )
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -236,15 +252,36 @@ def evaluate_splits(model, tokenizer, args: CompareArguments, save_to: str | Non
     results = {}
     for split in ("iid", "ood"):
         result = evaluate(
-            model, tokenizer, env="toy", split=split, num_episodes=args.eval_episodes,
-            temperature=args.eval_temperature, seed=0, max_turns=args.eval_max_turns,
-            max_turn_tokens=args.max_turn_tokens, max_episode_tokens=4096, batch_size=args.eval_episodes,
-            pool_backend="inline", prompt_style=prompt_style(args), progress_bar=False,
+            model,
+            tokenizer,
+            env="toy",
+            split=split,
+            num_episodes=args.eval_episodes,
+            temperature=args.eval_temperature,
+            seed=0,
+            max_turns=args.eval_max_turns,
+            max_turn_tokens=args.max_turn_tokens,
+            max_episode_tokens=4096,
+            batch_size=args.eval_episodes,
+            pool_backend="inline",
+            prompt_style=prompt_style(args),
+            progress_bar=False,
         )
         if save_to:
             save_eval_results(result, save_to)
-        results[split] = {k: result[k] for k in ("num_episodes", "successes", "success_rate", "success_ci",
-                                                 "mean_turns", "invalid_turn_rate", "seeds", "per_task")}
+        results[split] = {
+            k: result[k]
+            for k in (
+                "num_episodes",
+                "successes",
+                "success_rate",
+                "success_ci",
+                "mean_turns",
+                "invalid_turn_rate",
+                "seeds",
+                "per_task",
+            )
+        }
     return results
 
 
@@ -265,15 +302,35 @@ def run_rl(spec: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(spec["sft_dir"])
     epo = method == "epo"
     config = EPOConfig(
-        output_dir=out, max_steps=args.rl_steps, per_device_train_batch_size=args.rl_tasks_per_step * args.num_generations,
-        num_generations=args.num_generations, max_completion_length=4096, learning_rate=args.rl_learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, temperature=args.rl_temperature, loss_type=args.loss_type,
-        logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True, seed=seed,
-        gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0,
-        env_max_turns=args.max_turns, env_max_turn_tokens=args.max_turn_tokens, env_pool_backend="inline",
-        env_show_admissible_actions=args.show_admissible_actions, env_log_episodes=False,
-        epo_entropy_coef=args.epo_entropy_coef if epo else 0.0, epo_smoothing_alpha=args.epo_smoothing_alpha,
-        epo_kappa_low=args.epo_kappa_low, epo_kappa_high=args.epo_kappa_high, epo_reference=args.epo_reference,
+        output_dir=out,
+        max_steps=args.rl_steps,
+        per_device_train_batch_size=args.rl_tasks_per_step * args.num_generations,
+        num_generations=args.num_generations,
+        max_completion_length=4096,
+        learning_rate=args.rl_learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        temperature=args.rl_temperature,
+        loss_type=args.loss_type,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=seed,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        env_max_turns=args.max_turns,
+        env_max_turn_tokens=args.max_turn_tokens,
+        env_pool_backend="inline",
+        env_show_admissible_actions=args.show_admissible_actions,
+        env_log_episodes=False,
+        epo_entropy_coef=args.epo_entropy_coef if epo else 0.0,
+        epo_smoothing_alpha=args.epo_smoothing_alpha,
+        epo_kappa_low=args.epo_kappa_low,
+        epo_kappa_high=args.epo_kappa_high,
+        epo_reference=args.epo_reference,
     )
     dataset = make_dataset("train", args.rl_train_tasks, seed=1000 + seed)
     trainer = EPOTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer, env_factory=ToyEnv)
@@ -321,8 +378,11 @@ def _mean_std(values) -> dict:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return {"mean": math.nan, "std": math.nan, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def _methods(runs: list[dict]) -> list[str]:
@@ -429,11 +489,14 @@ def plot_comparison(result: dict, path: str) -> None:
                 curves.append(values)
             length = min(len(c) for c in curves)
             mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
-            ax.plot(mine[0]["steps"][:length], mean, color=color, lw=2.2, label=f"{method} (mean of {len(mine)} seeds)")
+            ax.plot(
+                mine[0]["steps"][:length], mean, color=color, lw=2.2, label=f"{method} (mean of {len(mine)} seeds)"
+            )
         for r in mine:
             deltas = [b - a for a, b in zip(r["entropy"], r["entropy"][1:])]
-            axes[1, 0].plot(r["steps"][1:], deltas, color=color, alpha=0.5, lw=0.9,
-                            label=f"{method}" if r is mine[0] else None)
+            axes[1, 0].plot(
+                r["steps"][1:], deltas, color=color, alpha=0.5, lw=0.9, label=f"{method}" if r is mine[0] else None
+            )
     axes[0, 0].set_title("training success rate (rollouts at T=1.0)\nmoving mean of 5 steps; thin lines: seeds")
     axes[0, 0].set_ylabel("success rate")
     axes[0, 1].set_title("trajectory-level entropy L_H of the action tokens\nthin lines: seeds")
@@ -461,8 +524,15 @@ def plot_comparison(result: dict, path: str) -> None:
                 e = summary[method][f"final_{split}"]
                 rate, (low, high), seeds = e["pooled_success_rate"], e["pooled_ci"], e["per_seed"]
             color = "0.6" if method is None else colors.get(method)
-            ax.bar(x, rate, width * 0.9, color=color, alpha=0.55 if split == "iid" else 0.3,
-                   hatch=None if split == "iid" else "//", edgecolor=color)
+            ax.bar(
+                x,
+                rate,
+                width * 0.9,
+                color=color,
+                alpha=0.55 if split == "iid" else 0.3,
+                hatch=None if split == "iid" else "//",
+                edgecolor=color,
+            )
             ax.errorbar(x, rate, yerr=[[rate - low], [high - rate]], color="k", capsize=4, lw=1)
             ax.scatter([x] * len(seeds), seeds, color="k", s=12, zorder=3)
             ax.text(x, high + 0.02, f"{rate:.2f}", ha="center", fontsize=8)
@@ -471,7 +541,9 @@ def plot_comparison(result: dict, path: str) -> None:
     ax.set_xticks(positions, labels)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("success rate (T=0.4)")
-    ax.set_title("final success at T=0.4: IID (solid) / OOD (hatched)\npooled over seeds with 95% Wilson CI; dots: seeds")
+    ax.set_title(
+        "final success at T=0.4: IID (solid) / OOD (hatched)\npooled over seeds with 95% Wilson CI; dots: seeds"
+    )
     ax.grid(alpha=0.3, axis="y")
     figure.suptitle(result.get("title", "GRPO vs EPO"), fontsize=11)
     figure.savefig(path)
@@ -504,8 +576,13 @@ def run_comparison(args: CompareArguments) -> dict:
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
     begin = time.perf_counter()
-    machine = {"cpu_count": os.cpu_count(), "load_average_start": load_average(), "threads": args.threads,
-               "parallel": args.parallel, "torch": torch.__version__}
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "load_average_start": load_average(),
+        "threads": args.threads,
+        "parallel": args.parallel,
+        "torch": torch.__version__,
+    }
 
     sft_dir = os.path.join(args.output_dir, "sft")
     print(f"[compare] SFT: {args.sft_tasks} expert trajectories, {args.sft_steps} steps", flush=True)
@@ -513,13 +590,22 @@ def run_comparison(args: CompareArguments) -> dict:
     model = AutoModelForCausalLM.from_pretrained(sft_dir)
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     sft["eval"] = evaluate_splits(model, tokenizer, args, save_to=sft_dir)
-    print(f"[compare] SFT done in {sft['time_s']:.0f}s: IID {sft['eval']['iid']['success_rate']:.3f}, "
-          f"OOD {sft['eval']['ood']['success_rate']:.3f}", flush=True)
+    print(
+        f"[compare] SFT done in {sft['time_s']:.0f}s: IID {sft['eval']['iid']['success_rate']:.3f}, "
+        f"OOD {sft['eval']['ood']['success_rate']:.3f}",
+        flush=True,
+    )
 
     specs = [
-        {"args": asdict(args), "method": method, "seed": seed, "sft_dir": sft_dir,
-         "output_dir": os.path.join(args.output_dir, "runs", f"{method}_seed{seed}")}
-        for seed in args.seeds for method in args.methods
+        {
+            "args": asdict(args),
+            "method": method,
+            "seed": seed,
+            "sft_dir": sft_dir,
+            "output_dir": os.path.join(args.output_dir, "runs", f"{method}_seed{seed}"),
+        }
+        for seed in args.seeds
+        for method in args.methods
     ]
     runs = []
     if args.parallel <= 1:
@@ -539,11 +625,15 @@ def run_comparison(args: CompareArguments) -> dict:
     machine["load_average_end"] = load_average()
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     machine["cpu_seconds"] = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    machine["quiet_machine_estimate_min"] = machine["cpu_seconds"] / max(1, min(args.parallel, os.cpu_count() or 1)) / 60
+    machine["quiet_machine_estimate_min"] = (
+        machine["cpu_seconds"] / max(1, min(args.parallel, os.cpu_count() or 1)) / 60
+    )
     result = {
-        "title": (f"GRPO vs EPO (lambda={args.epo_entropy_coef:g}, alpha={args.epo_smoothing_alpha:g}, "
-                  f"kappa=[{args.epo_kappa_low:g}, {args.epo_kappa_high:g}]), toy env, {args.rl_steps} steps x "
-                  f"{args.rl_tasks_per_step}x{args.num_generations} episodes, seeds {args.seeds}"),
+        "title": (
+            f"GRPO vs EPO (lambda={args.epo_entropy_coef:g}, alpha={args.epo_smoothing_alpha:g}, "
+            f"kappa=[{args.epo_kappa_low:g}, {args.epo_kappa_high:g}]), toy env, {args.rl_steps} steps x "
+            f"{args.rl_tasks_per_step}x{args.num_generations} episodes, seeds {args.seeds}"
+        ),
         "settings": asdict(args),
         "machine": machine,
         "total_time_s": elapsed,
@@ -552,10 +642,12 @@ def run_comparison(args: CompareArguments) -> dict:
         "summary": summarize(runs),
     }
     write_outputs(result, args.output_dir)
-    print(f"[compare] total {elapsed / 60:.1f} min wall, {machine['cpu_seconds'] / 60:.1f} CPU-min (about "
-          f"{machine['quiet_machine_estimate_min']:.0f} min on {args.parallel} idle cores); load average start "
-          f"{machine['load_average_start']}, end {machine['load_average_end']} -> {args.output_dir}/results.json, "
-          "compare.png")
+    print(
+        f"[compare] total {elapsed / 60:.1f} min wall, {machine['cpu_seconds'] / 60:.1f} CPU-min (about "
+        f"{machine['quiet_machine_estimate_min']:.0f} min on {args.parallel} idle cores); load average start "
+        f"{machine['load_average_start']}, end {machine['load_average_end']} -> {args.output_dir}/results.json, "
+        "compare.png"
+    )
     if elapsed > args.time_budget_minutes * 60:
         print(f"[compare] WARNING: took longer than the {args.time_budget_minutes:g}-minute budget.", flush=True)
     return result
@@ -591,9 +683,12 @@ def resummarize(output_dir: str) -> dict:
 
 def _report_run(run: dict, begin: float) -> None:
     iid, ood = run["eval"]["iid"], run["eval"]["ood"]
-    print(f"[compare] {run['method']} seed {run['seed']}: train {run['train_time_s']:.0f}s, IID {iid['success_rate']:.3f}"
-          f", OOD {ood['success_rate']:.3f}, Var(dH) {entropy_change_variance(run['entropy']):.2e} "
-          f"(elapsed {(time.perf_counter() - begin) / 60:.1f} min)", flush=True)
+    print(
+        f"[compare] {run['method']} seed {run['seed']}: train {run['train_time_s']:.0f}s, IID {iid['success_rate']:.3f}"
+        f", OOD {ood['success_rate']:.3f}, Var(dH) {entropy_change_variance(run['entropy']):.2e} "
+        f"(elapsed {(time.perf_counter() - begin) / 60:.1f} min)",
+        flush=True,
+    )
 
 
 def main(argv=None) -> dict:

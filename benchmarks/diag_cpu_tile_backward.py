@@ -20,8 +20,24 @@ from torch.profiler import ProfilerActivity, profile
 from trl.kernels.chunked_logprob import _backward_tile
 
 
-def lean_backward_tile(tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols,
-                       logit_scale, softcap, inv_t, HAS_SOFTCAP, HAS_LOGPROB_GRAD, HAS_ENTROPY_GRAD, BLOCK_SIZE):
+def lean_backward_tile(
+    tile,
+    tile_stride,
+    targets,
+    log_z,
+    entropy,
+    grad_logprobs,
+    grad_entropy,
+    vocab_start,
+    n_cols,
+    logit_scale,
+    softcap,
+    inv_t,
+    HAS_SOFTCAP,
+    HAS_LOGPROB_GRAD,
+    HAS_ENTROPY_GRAD,
+    BLOCK_SIZE,
+):
     """`_backward_tile` (without softcapping) with in-place ops: two tile-sized temporaries whatever the outputs."""
     if HAS_SOFTCAP:
         raise NotImplementedError("the sketch covers models without final-logit softcapping")
@@ -43,7 +59,9 @@ def lean_backward_tile(tile, tile_stride, targets, log_z, entropy, grad_logprobs
 def peak_bytes(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -71,11 +89,27 @@ def main(argv=None):
     results = {}
     for name, fn in (("TRL _backward_tile", _backward_tile), ("lean in-place sketch", lean_backward_tile)):
         for with_entropy in (False, True):
+
             def call(fn=fn, with_entropy=with_entropy):
                 tile = logits.clone()
-                fn(tile, tile.stride(0), targets, log_z, entropy, grad_logprobs,
-                   grad_entropy if with_entropy else log_z, 0, args.vocab, 1.0, 1.0, 1.0, False, True, with_entropy,
-                   1024)
+                fn(
+                    tile,
+                    tile.stride(0),
+                    targets,
+                    log_z,
+                    entropy,
+                    grad_logprobs,
+                    grad_entropy if with_entropy else log_z,
+                    0,
+                    args.vocab,
+                    1.0,
+                    1.0,
+                    1.0,
+                    False,
+                    True,
+                    with_entropy,
+                    1024,
+                )
                 return tile
 
             times = []
@@ -85,8 +119,10 @@ def main(argv=None):
                 times.append(time.perf_counter() - start)
             peak = peak_bytes(call)
             results[(name, with_entropy)] = call()
-            print(f"| {name} | {'yes' if with_entropy else 'no'} | {statistics.median(times):.3f} | "
-                  f"{peak / 2**20:.0f} | {peak / 2**20 / tile_mib:.2f} |")
+            print(
+                f"| {name} | {'yes' if with_entropy else 'no'} | {statistics.median(times):.3f} | "
+                f"{peak / 2**20:.0f} | {peak / 2**20 / tile_mib:.2f} |"
+            )
     for with_entropy in (False, True):
         diff = (results[("TRL _backward_tile", with_entropy)] - results[("lean in-place sketch", with_entropy)]).abs()
         print(f"max |TRL - lean| (entropy gradient {'on' if with_entropy else 'off'}): {diff.max().item():.2e}")

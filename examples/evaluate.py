@@ -12,6 +12,7 @@ parent) holds the run's `epo_run.json`.
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trl_epo.cli import evaluate_main as main  # noqa: E402

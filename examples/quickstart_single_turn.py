@@ -1,10 +1,11 @@
 """Minimal offline EPO run on a single-turn dataset with a tiny local model (no downloads, CPU, ~10 s).
 
-    python examples/quickstart_single_turn.py
+python examples/quickstart_single_turn.py
 """
 
 import os
 import tempfile
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,10 +41,14 @@ def main():
         epo_entropy_coef=1e-3,
         epo_smoothing_alpha=0.1,
     )
-    trainer = EPOTrainer(model, reward_funcs=brevity_reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = EPOTrainer(
+        model, reward_funcs=brevity_reward, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     last = [h for h in trainer.state.log_history if "epo/entropy" in h][-1]
-    print(f"final: entropy={last['epo/entropy']:.3f} reference={trainer.epo_reference.value():.3f} beta={last['epo/beta']:.3f}")
+    print(
+        f"final: entropy={last['epo/entropy']:.3f} reference={trainer.epo_reference.value():.3f} beta={last['epo/beta']:.3f}"
+    )
 
 
 if __name__ == "__main__":

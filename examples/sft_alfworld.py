@@ -46,8 +46,10 @@ class ScriptArguments:
     num_games: int | None = field(default=None, metadata={"help": "Use a random subset of this many games."})
     history: int | None = field(
         default=None,
-        metadata={"help": "Windowed prompts with the last k (observation, action) pairs, as the rollout's "
-                          "env_history_turns=k (default: the whole episode, as env_history_turns=None)."},
+        metadata={
+            "help": "Windowed prompts with the last k (observation, action) pairs, as the rollout's "
+            "env_history_turns=k (default: the whole episode, as env_history_turns=None)."
+        },
     )
     generate_per_type: int = field(
         default=0,
@@ -65,11 +67,15 @@ def build_dataset(script_args: ScriptArguments):
         if not script_args.data_root:
             raise SystemExit("--generate_per_type needs --data_root (where to write the games).")
         split = {"iid": "valid_seen", "ood": "valid_unseen"}.get(script_args.split, script_args.split)
-        generate_games(script_args.data_root, split, script_args.generate_per_type, script_args.task_types,
-                       seed=script_args.generate_seed)
+        generate_games(
+            script_args.data_root,
+            split,
+            script_args.generate_per_type,
+            script_args.task_types,
+            seed=script_args.generate_seed,
+        )
     tasks = make_tasks(script_args.split, script_args.data_root, script_args.task_types, script_args.num_games)
-    return expert_sft_dataset(tasks, data_root=script_args.data_root, history=script_args.history,
-                              skip_failures=True)
+    return expert_sft_dataset(tasks, data_root=script_args.data_root, history=script_args.history, skip_failures=True)
 
 
 def main(argv: list[str] | None = None):

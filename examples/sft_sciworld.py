@@ -52,26 +52,34 @@ class SciWorldSFTArguments:
     task_types: list[str] | None = field(
         default=None, metadata={"help": "Only these task types (default: all of the split)."}
     )
-    balanced: bool = field(default=True, metadata={"help": "Draw task types round-robin instead of by variation count."})
+    balanced: bool = field(
+        default=True, metadata={"help": "Draw task types round-robin instead of by variation count."}
+    )
     simplification: str = field(default="easy", metadata={"help": "Simulator simplification preset."})
     max_turns: int = field(
         default=30, metadata={"help": "Move limit: gold paths that do not finish within it are left out."}
     )
-    show_objects: bool = field(default=True, metadata={"help": "Observations list the objects the agent can refer to."})
+    show_objects: bool = field(
+        default=True, metadata={"help": "Observations list the objects the agent can refer to."}
+    )
     show_action_templates: str = field(
-        default="task", metadata={"help": "Action templates with the task ('task'), in every observation ('every_step'), "
-                                  "or 'never'."}
+        default="task",
+        metadata={"help": "Action templates with the task ('task'), in every observation ('every_step'), or 'never'."},
     )
     history_turns: int | None = field(
         default=None,
-        metadata={"help": "Prompt layout of the RL run that follows: None = full conversation (EPOConfig "
-                  "env_history_turns=None), k = the paper's windowed prompts with the last k steps."},
+        metadata={
+            "help": "Prompt layout of the RL run that follows: None = full conversation (EPOConfig "
+            "env_history_turns=None), k = the paper's windowed prompts with the last k steps."
+        },
     )
     env_workers: int = field(default=1, metadata={"help": "Parallel simulator JVMs used to replay the gold paths."})
     whole_episodes: bool = field(
         default=True,
-        metadata={"help": "Train on whole episodes (loss on every answer) when the chat template can mark assistant "
-                  "turns; else, or with False, one prompt/completion row per turn."},
+        metadata={
+            "help": "Train on whole episodes (loss on every answer) when the chat template can mark assistant "
+            "turns; else, or with False, one prompt/completion row per turn."
+        },
     )
     tiny_model: bool = field(
         default=False,
@@ -83,8 +91,11 @@ class SciWorldSFTArguments:
 
 
 def env_kwargs_of(args: SciWorldSFTArguments) -> dict:
-    return {"max_turns": args.max_turns, "show_objects": args.show_objects,
-            "show_action_templates": args.show_action_templates}
+    return {
+        "max_turns": args.max_turns,
+        "show_objects": args.show_objects,
+        "show_action_templates": args.show_action_templates,
+    }
 
 
 def load_model_and_tokenizer(args: SciWorldSFTArguments, model_args: ModelConfig, training_args: SFTConfig, dataset):
@@ -92,22 +103,34 @@ def load_model_and_tokenizer(args: SciWorldSFTArguments, model_args: ModelConfig
     if args.tiny_model:
         from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer
 
-        texts = [m["content"] for row in dataset for m in (row["messages"] if "messages" in row
-                                                             else row["prompt"] + row["completion"])]
+        texts = [
+            m["content"]
+            for row in dataset
+            for m in (row["messages"] if "messages" in row else row["prompt"] + row["completion"])
+        ]
         tokenizer = build_tiny_tokenizer(texts[:20_000], vocab_size=args.tiny_vocab_size)
-        model = build_tiny_model(tokenizer, hidden_size=args.tiny_hidden_size, num_layers=args.tiny_num_layers,
-                                 max_position_embeddings=8192)
+        model = build_tiny_model(
+            tokenizer, hidden_size=args.tiny_hidden_size, num_layers=args.tiny_num_layers, max_position_embeddings=8192
+        )
         return model, tokenizer
     if not model_args.model_name_or_path:
-        raise ValueError("Give --model_name_or_path (a Hub id or a local directory), or --tiny_model for an offline run.")
+        raise ValueError(
+            "Give --model_name_or_path (a Hub id or a local directory), or --tiny_model for an offline run."
+        )
     from transformers import AutoTokenizer
 
-    init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
-                       attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+    init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
     init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = init_kwargs
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -147,11 +170,16 @@ def main():
         prompt_style=get_env("sciworld").prompt_style(),
         env_kwargs=env_kwargs,
         num_workers=script_args.env_workers,
-        **(dict(format="messages") if script_args.history_turns is None
-           else dict(format="prompt_completion", history=script_args.history_turns)),
+        **(
+            dict(format="messages")
+            if script_args.history_turns is None
+            else dict(format="prompt_completion", history=script_args.history_turns)
+        ),
     )
     solved = len(set(zip(dataset["task"], dataset["variation"])))
-    print(f"Expert data: {solved} solved gold episodes ({script_args.num_tasks} tasks drawn from {script_args.split}).")
+    print(
+        f"Expert data: {solved} solved gold episodes ({script_args.num_tasks} tasks drawn from {script_args.split})."
+    )
 
     model, tokenizer = load_model_and_tokenizer(script_args, model_args, training_args, dataset)
     # Whole episodes with the loss on every expert answer when the chat template can mark assistant turns (ChatML,
@@ -180,9 +208,16 @@ def main():
     tokenizer.save_pretrained(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         with open(os.path.join(training_args.output_dir, "sciworld_env.json"), "w") as f:
-            json.dump({"env_kwargs": env_kwargs, "simplification": script_args.simplification,
-                       "history_turns": script_args.history_turns,
-                       "instruction": SCIWORLD_INSTRUCTION}, f, indent=2)
+            json.dump(
+                {
+                    "env_kwargs": env_kwargs,
+                    "simplification": script_args.simplification,
+                    "history_turns": script_args.history_turns,
+                    "instruction": SCIWORLD_INSTRUCTION,
+                },
+                f,
+                indent=2,
+            )
     print(f"Saved the warm-started model and tokenizer to {training_args.output_dir}")
 
 

@@ -39,8 +39,10 @@ class ScriptArguments:
     games_seed: int = field(default=0, metadata={"help": "Seed of that subset (and of generated games)."})
     generate_per_type: int = field(
         default=0,
-        metadata={"help": "Offline: first generate this many games per task type into --data_root (skipped when "
-                          "the split already holds games)."},
+        metadata={
+            "help": "Offline: first generate this many games per task type into --data_root (skipped when "
+            "the split already holds games)."
+        },
     )
     tiny: bool = field(
         default=False,
@@ -51,8 +53,10 @@ class ScriptArguments:
     )
     num_eval_games: int = field(
         default=0,
-        metadata={"help": "Games per evaluated split, played every --eval_steps (--eval_strategy steps) and after "
-                          "training (0: no evaluation)."},
+        metadata={
+            "help": "Games per evaluated split, played every --eval_steps (--eval_strategy steps) and after "
+            "training (0: no evaluation)."
+        },
     )
 
 
@@ -75,8 +79,9 @@ def prepare_games(script_args) -> str:
             if not have and PartialState().is_main_process:
                 from trl_epo.envs.alfworld.game_writer import generate_games
 
-                generate_games(root, split, script_args.generate_per_type, script_args.task_types,
-                               seed=script_args.games_seed)
+                generate_games(
+                    root, split, script_args.generate_per_type, script_args.task_types, seed=script_args.games_seed
+                )
     return resolve_data_root(root)  # absolute, so that the env worker processes find it too
 
 
@@ -91,8 +96,13 @@ def main(argv: list[str] | None = None):
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
 
     data_root = prepare_games(script_args)
-    dataset = make_dataset(script_args.train_split, data_root, script_args.task_types, script_args.num_train_games,
-                           seed=script_args.games_seed)
+    dataset = make_dataset(
+        script_args.train_split,
+        data_root,
+        script_args.task_types,
+        script_args.num_train_games,
+        seed=script_args.games_seed,
+    )
     print(f"Training on {len(dataset)} ALFWorld games from {data_root} ({script_args.train_split})", file=sys.stderr)
     # The env ends an episode at the same turn limit as the rollout; the data root travels to the worker processes.
     rollout_config = RolloutConfig.from_args(training_args, env="alfworld")
@@ -100,8 +110,9 @@ def main(argv: list[str] | None = None):
     evaluation = None
     if script_args.num_eval_games > 0:
         evaluation = {
-            split: make_dataset(split, data_root, script_args.task_types, script_args.num_eval_games,
-                                seed=script_args.games_seed)
+            split: make_dataset(
+                split, data_root, script_args.task_types, script_args.num_eval_games, seed=script_args.games_seed
+            )
             for split in script_args.eval_splits
         }
 

@@ -52,13 +52,15 @@ class SciWorldTrainArguments:
     simplification: str = field(default="easy", metadata={"help": "Simulator simplification preset."})
     success_rule: str = field(
         default="score",
-        metadata={"help": "'score' (won = score 100) or 'paper' (done and score > 0: gameable, replication only).",
-                  "choices": ["score", "paper"]},
+        metadata={
+            "help": "'score' (won = score 100) or 'paper' (done and score > 0: gameable, replication only).",
+            "choices": ["score", "paper"],
+        },
     )
     show_objects: bool = field(default=True, metadata={"help": "Observations list the objects the agent can name."})
     show_action_templates: str = field(
-        default="task", metadata={"help": "Action templates with the task ('task'), in every observation ('every_step'), "
-                                  "or 'never'."}
+        default="task",
+        metadata={"help": "Action templates with the task ('task'), in every observation ('every_step'), or 'never'."},
     )
     admissible_actions: bool = field(
         default=False, metadata={"help": "Compute the valid-action list every step (slow; shown when listed)."}
@@ -70,13 +72,17 @@ class SciWorldTrainArguments:
     num_eval_tasks: int = field(default=0, metadata={"help": "Tasks per evaluated split (0: no evaluation)."})
     eval_on_train_tasks: bool = field(
         default=False,
-        metadata={"help": "Evaluate on the training tasks (cycled to --num_eval_tasks episodes) instead of --eval_splits."},
+        metadata={
+            "help": "Evaluate on the training tasks (cycled to --num_eval_tasks episodes) instead of --eval_splits."
+        },
     )
     # offline tiny model
     tiny_model: bool = field(
         default=False,
-        metadata={"help": "Build a tiny tokenizer (trained on ScienceWorld text) and model locally (same as "
-                  "--model_name_or_path tiny)."},
+        metadata={
+            "help": "Build a tiny tokenizer (trained on ScienceWorld text) and model locally (same as "
+            "--model_name_or_path tiny)."
+        },
     )
     tiny_hidden_size: int = field(default=128, metadata={"help": "Tiny model width."})
     tiny_num_layers: int = field(default=2, metadata={"help": "Tiny model depth."})
@@ -110,6 +116,7 @@ def warm_start(model, tokenizer, expert, script_args: SciWorldTrainArguments, tr
     if whole_episodes:
         data = expert.select_columns(["messages"])
     else:
+
         def fits(row):
             text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
             return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= script_args.warm_start_max_length
@@ -172,13 +179,17 @@ def main(argv: list[str] | None = None) -> EPOTrainer:
     rollout_config = RolloutConfig.from_args(training_args, env="sciworld")
     style = rollout_config.prompt_style
     env_kwargs = env_kwargs_of(script_args, rollout_config)
-    task_kwargs = dict(task_types=script_args.task_types, balanced=script_args.balanced,
-                       simplification=script_args.simplification)
-    dataset = make_dataset(script_args.train_split, num_tasks=script_args.num_train_tasks,
-                           seed=script_args.dataset_seed, **task_kwargs)
+    task_kwargs = dict(
+        task_types=script_args.task_types, balanced=script_args.balanced, simplification=script_args.simplification
+    )
+    dataset = make_dataset(
+        script_args.train_split, num_tasks=script_args.num_train_tasks, seed=script_args.dataset_seed, **task_kwargs
+    )
     train_tasks = [TaskSpec.from_row(row) for row in dataset]
-    log(f"Training on {len(dataset)} ScienceWorld tasks ({script_args.train_split}), "
-          f"{len({t.task for t in train_tasks})} task types")
+    log(
+        f"Training on {len(dataset)} ScienceWorld tasks ({script_args.train_split}), "
+        f"{len({t.task for t in train_tasks})} task types"
+    )
 
     # Gold-path expert data: for the warm start, and as the tiny tokenizer's training text.
     expert = None
@@ -186,11 +197,18 @@ def main(argv: list[str] | None = None) -> EPOTrainer:
         if script_args.warm_start_on_train_tasks:
             expert_tasks = train_tasks
         else:
-            expert_tasks = make_tasks(script_args.train_split, num_tasks=script_args.warm_start_tasks,
-                                      seed=script_args.dataset_seed + 1, **task_kwargs)
+            expert_tasks = make_tasks(
+                script_args.train_split,
+                num_tasks=script_args.warm_start_tasks,
+                seed=script_args.dataset_seed + 1,
+                **task_kwargs,
+            )
         # The rollout's layout: whole conversations, or the paper's windowed prompts (one row per turn).
-        layout = (dict(format="messages") if training_args.env_history_turns is None
-                  else dict(format="prompt_completion", history=training_args.env_history_turns))
+        layout = (
+            dict(format="messages")
+            if training_args.env_history_turns is None
+            else dict(format="prompt_completion", history=training_args.env_history_turns)
+        )
         expert = expert_sft_dataset(tasks=expert_tasks, prompt_style=style, env_kwargs=env_kwargs, **layout)
         solved = len(set(zip(expert["task"], expert["variation"])))
         log(f"Expert data: {solved} solved gold episodes of {len(expert_tasks)} drawn tasks")
@@ -201,20 +219,31 @@ def main(argv: list[str] | None = None) -> EPOTrainer:
         conversations = (row["messages"] if "messages" in row else row["prompt"] + row["completion"] for row in expert)
         texts = [m["content"] for messages in conversations for m in messages[1:]] + [style.instruction]
         tokenizer = build_tiny_tokenizer(texts[:20_000], vocab_size=script_args.tiny_vocab_size)
-        model = build_tiny_model(tokenizer, hidden_size=script_args.tiny_hidden_size,
-                                 num_layers=script_args.tiny_num_layers, max_position_embeddings=16384,
-                                 seed=training_args.seed)
+        model = build_tiny_model(
+            tokenizer,
+            hidden_size=script_args.tiny_hidden_size,
+            num_layers=script_args.tiny_num_layers,
+            max_position_embeddings=16384,
+            seed=training_args.seed,
+        )
     else:
         if not model_args.model_name_or_path:
             raise ValueError("Give --model_name_or_path (a Hub id or local directory), or --tiny_model.")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                                  trust_remote_code=training_args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+        )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
-                           attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+        init_kwargs = dict(
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+            attn_implementation=model_args.attn_implementation,
+            dtype=model_args.dtype,
+        )
         if script_args.warm_start_steps > 0:
             model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **init_kwargs)
         else:  # let TRL load it (DeepSpeed ZeRO-3 friendly)
@@ -240,10 +269,12 @@ def main(argv: list[str] | None = None) -> EPOTrainer:
     history = [h for h in trainer.state.log_history if "rollout/success_rate" in h]
     for h in history:
         paper = h.get("rollout/success_rate_paper_rule")
-        log(f"step {h.get('step', '?'):>4}: success {h['rollout/success_rate']:.3f}"
-              + (f" (paper rule {paper:.3f})" if paper is not None else "")
-              + f", turns {h['rollout/mean_turns']:.1f}, invalid turns {h['rollout/invalid_turn_rate']:.2f}, "
-              f"entropy {h.get('epo/entropy', float('nan')):.3f}")
+        log(
+            f"step {h.get('step', '?'):>4}: success {h['rollout/success_rate']:.3f}"
+            + (f" (paper rule {paper:.3f})" if paper is not None else "")
+            + f", turns {h['rollout/mean_turns']:.1f}, invalid turns {h['rollout/invalid_turn_rate']:.2f}, "
+            f"entropy {h.get('epo/entropy', float('nan')):.3f}"
+        )
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
@@ -253,8 +284,10 @@ def main(argv: list[str] | None = None) -> EPOTrainer:
         for split in evaluation:
             rate = metrics[f"eval/{split}/success_rate"]
             low, high = metrics[f"eval/{split}/success_ci_low"], metrics[f"eval/{split}/success_ci_high"]
-            log(f"Evaluation on {int(metrics[f'eval/{split}/episodes'])} {split} episodes (temperature "
-                f"{training_args.env_eval_temperature}): success {rate:.3f} [95% CI {low:.3f}-{high:.3f}]")
+            log(
+                f"Evaluation on {int(metrics[f'eval/{split}/episodes'])} {split} episodes (temperature "
+                f"{training_args.env_eval_temperature}): success {rate:.3f} [95% CI {low:.3f}-{high:.3f}]"
+            )
     trainer.end()  # finish the trackers and destroy the process group (last)
     return trainer
 

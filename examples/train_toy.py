@@ -22,6 +22,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -40,8 +41,10 @@ class ToyScriptArguments:
     )
     num_eval_tasks: int = field(
         default=0,
-        metadata={"help": "Tasks per evaluated split, played every --eval_steps (--eval_strategy steps) and after "
-                  "training (0: no evaluation)."},
+        metadata={
+            "help": "Tasks per evaluated split, played every --eval_steps (--eval_strategy steps) and after "
+            "training (0: no evaluation)."
+        },
     )
     tiny_model_dir: str | None = field(
         default=None,
@@ -134,8 +137,10 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
     dataset = make_dataset(script_args.env_split, script_args.num_tasks, seed=script_args.task_seed)
     evaluation = None
     if script_args.num_eval_tasks > 0:
-        evaluation = {split: make_dataset(split, script_args.num_eval_tasks, seed=script_args.task_seed + 1)
-                      for split in script_args.eval_splits}
+        evaluation = {
+            split: make_dataset(split, script_args.num_eval_tasks, seed=script_args.task_seed + 1)
+            for split in script_args.eval_splits
+        }
     return EPOTrainer(
         model_path,
         args=training_args,

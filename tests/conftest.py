@@ -2,6 +2,7 @@
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +13,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
 
 # The ALFWorld game fixtures (real_root, generated_root, generated), prepared lazily once per session.
 pytest_plugins = ["helpers.alfworld_testdata"]

@@ -9,6 +9,7 @@ the very same text, so the model is trained on exactly the contexts it will see 
 
 from __future__ import annotations
 
+
 # Plain ChatML with the assistant turns marked: renders exactly like plain ChatML.
 CHATML_TRAINING_TEMPLATE = (
     "{%- for message in messages -%}"

@@ -78,7 +78,6 @@ def load_log_history(run_dir: str) -> tuple[list[dict[str, Any]], str]:
     return steps, path
 
 
-
 def series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one logged metric, in step order, skipping entries without it."""
     points = [(int(h["step"]), float(h[key])) for h in history if key in h and h[key] is not None]
@@ -139,18 +138,39 @@ def plot_entropy_corridor(ax, history, kappa_low: float, kappa_high: float) -> N
     if ref_steps:
         low = [kappa_low * r for r in reference]
         high = [kappa_high * r for r in reference]
-        ax.fill_between(ref_steps, low, high, color="tab:green", alpha=0.15, step=None,
-                        label=f"corridor [{kappa_low:g}, {kappa_high:g}] x H_ref")
+        ax.fill_between(
+            ref_steps,
+            low,
+            high,
+            color="tab:green",
+            alpha=0.15,
+            step=None,
+            label=f"corridor [{kappa_low:g}, {kappa_high:g}] x H_ref",
+        )
         ax.plot(ref_steps, reference, color="tab:green", lw=1.5, ls="--", label="reference H_ref")
-    ax.plot(steps, entropy, color="tab:blue", lw=1.5, marker="." if len(steps) < 40 else None,
-            label="entropy L_H (trajectory-level)")
+    ax.plot(
+        steps,
+        entropy,
+        color="tab:blue",
+        lw=1.5,
+        marker="." if len(steps) < 40 else None,
+        label="entropy L_H (trajectory-level)",
+    )
     span = [*entropy, *reference] if ref_steps else list(entropy)
     lo, hi = min(span), max(span)
     pad = 0.25 * (hi - lo) + 0.05 * max(abs(hi), 1e-3)
     if ref_steps and kappa_high * max(reference) > hi + 4 * pad:
         ax.set_ylim(max(0.0, lo - pad), hi + pad)  # a wide corridor would flatten the entropy curve: zoom in
-        ax.text(0.99, 0.02, "corridor clipped to the entropy range", transform=ax.transAxes, ha="right",
-                va="bottom", fontsize=7, color="0.4")
+        ax.text(
+            0.99,
+            0.02,
+            "corridor clipped to the entropy range",
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.4",
+        )
     ax.set_title("(a) entropy and its corridor")
     ax.set_ylabel("nats")
     ax.legend(fontsize=7, loc="best")
@@ -162,8 +182,15 @@ def _line(ax, history, key: str, title: str, ylabel: str, color: str, smooth: bo
         _missing(ax, key)
         ax.set_title(title)
         return
-    ax.plot(steps, values, color=color, lw=1.0 if smooth else 1.5, alpha=0.45 if smooth else 1.0,
-            marker="." if len(steps) < 40 else None, label=key)
+    ax.plot(
+        steps,
+        values,
+        color=color,
+        lw=1.0 if smooth else 1.5,
+        alpha=0.45 if smooth else 1.0,
+        marker="." if len(steps) < 40 else None,
+        label=key,
+    )
     if smooth and len(values) >= 5:
         window = max(2, len(values) // 15)
         ax.plot(steps, rolling_mean(values, window), color=color, lw=2.0, label=f"moving mean ({window} steps)")
@@ -193,8 +220,9 @@ def plot_eval_success(ax, history) -> None:
             errors = [[r - lo for r, lo in zip(rates, lows)], [hi - r for r, hi in zip(rates, highs)]]
         else:
             errors = None
-        ax.errorbar(steps, rates, yerr=errors, color=color, marker="o", ms=3, lw=1.2, capsize=2,
-                    label=f"eval/{split} (95% CI)")
+        ax.errorbar(
+            steps, rates, yerr=errors, color=color, marker="o", ms=3, lw=1.2, capsize=2, label=f"eval/{split} (95% CI)"
+        )
     if eval_splits(history):
         ax.legend(fontsize=7, loc="best")
 
@@ -204,13 +232,17 @@ def plot_dynamics(history, kappa_low: float, kappa_high: float, title: str = "")
     figure, axes = _figure(12, 10, 3, 2)
     plot_entropy_corridor(axes[0, 0], history, kappa_low, kappa_high)
     _line(axes[0, 1], history, "epo/beta", "(b) phase weight beta_k", "beta", "tab:purple")
-    _line(axes[1, 0], history, "epo/smooth_penalty", "(c) smoothing penalty L_smooth", "alpha x penalty",
-          "tab:red")
-    _line(axes[1, 1], history, "epo/out_of_corridor_frac", "(d) action tokens outside the corridor", "fraction",
-          "tab:orange")
+    _line(axes[1, 0], history, "epo/smooth_penalty", "(c) smoothing penalty L_smooth", "alpha x penalty", "tab:red")
+    _line(
+        axes[1, 1],
+        history,
+        "epo/out_of_corridor_frac",
+        "(d) action tokens outside the corridor",
+        "fraction",
+        "tab:orange",
+    )
     success_key = "rollout/success_rate" if series(history, "rollout/success_rate")[0] else "reward"
-    _line(axes[2, 0], history, success_key, f"(e) training success ({success_key})", "rate", "tab:green",
-          smooth=True)
+    _line(axes[2, 0], history, success_key, f"(e) training success ({success_key})", "rate", "tab:green", smooth=True)
     plot_eval_success(axes[2, 0], history)
     ax = axes[2, 1]
     steps, turns = series(history, "rollout/mean_turns")
@@ -246,7 +278,11 @@ def plot_turn_heatmap(history, title: str = ""):
     ax = axes[0, 0]
     data = np.ma.masked_invalid(np.array(matrix, dtype=float))
     image = ax.imshow(
-        data, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
+        data,
+        aspect="auto",
+        origin="lower",
+        interpolation="nearest",
+        cmap="viridis",
         extent=(steps[0] - 0.5, steps[-1] + 0.5, turns[0] - 0.5, turns[-1] + 0.5),
     )
     figure.colorbar(image, ax=ax, label="mean action-token entropy (nats)")
@@ -276,8 +312,10 @@ def plot_run(
         if coef is not None:
             parts.append(f"lambda={coef:g}")
             if coef > 0:
-                parts.append(f"smoothing={settings.get('epo_smoothing')} alpha={settings.get('epo_smoothing_alpha')}"
-                             f" reference={settings.get('epo_reference')}")
+                parts.append(
+                    f"smoothing={settings.get('epo_smoothing')} alpha={settings.get('epo_smoothing_alpha')}"
+                    f" reference={settings.get('epo_reference')}"
+                )
         else:
             parts.append("(no epo_run.json: kappas assumed)")
         title = "  ".join(parts)

@@ -73,8 +73,11 @@ class Probe:
                 batch = real_play(self, tasks, generator, tokenizer)
             finally:
                 record, probe.current = probe.current, None
-            record.update(generate_calls=batch.stats.generate_calls, episodes=len(batch.episodes),
-                          max_turns=max(e.turns for e in batch.episodes))
+            record.update(
+                generate_calls=batch.stats.generate_calls,
+                episodes=len(batch.episodes),
+                max_turns=max(e.turns for e in batch.episodes),
+            )
             probe.rollouts.append(record)
             return batch
 
@@ -94,8 +97,9 @@ class Probe:
         def recording_end_of_step(self):
             window = self._entropy_window
             if window.turn_sum is not None:  # this process's own sums, before the cross-process reduction
-                probe.local_steps.append({"sum": window.turn_sum.sum().item(),
-                                          "count": window.turn_count.sum().item()})
+                probe.local_steps.append(
+                    {"sum": window.turn_sum.sum().item(), "count": window.turn_count.sum().item()}
+                )
             return real_end_of_step(self)
 
         EPOTrainer._end_of_optimizer_step = recording_end_of_step

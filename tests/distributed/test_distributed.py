@@ -28,24 +28,42 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TIMEOUT_S = 420
 
 COMMON_FLAGS = [
-    "--model_name_or_path", "tiny",
-    "--bf16", "false",
-    "--ddp_backend", "gloo",  # no GPU: accelerate needs the backend named for DeepSpeed on CPU
-    "--max_steps", "2",
-    "--per_device_train_batch_size", "4",
-    "--num_generations", "2",
-    "--max_completion_length", "96",
-    "--env_max_turns", "3",
-    "--env_max_turn_tokens", "8",
-    "--env_pool_backend", "thread",
-    "--num_tasks", "8",
-    "--learning_rate", "1e-2",
-    "--logging_steps", "1",
-    "--save_strategy", "steps",
-    "--save_steps", "1",
-    "--report_to", "none",
-    "--disable_tqdm", "true",
-    "--seed", "0",
+    "--model_name_or_path",
+    "tiny",
+    "--bf16",
+    "false",
+    "--ddp_backend",
+    "gloo",  # no GPU: accelerate needs the backend named for DeepSpeed on CPU
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "4",
+    "--num_generations",
+    "2",
+    "--max_completion_length",
+    "96",
+    "--env_max_turns",
+    "3",
+    "--env_max_turn_tokens",
+    "8",
+    "--env_pool_backend",
+    "thread",
+    "--num_tasks",
+    "8",
+    "--learning_rate",
+    "1e-2",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--seed",
+    "0",
 ]
 
 
@@ -57,18 +75,31 @@ def free_port() -> int:
 
 def run_launch(config: str, output_dir, flags, export_dir=None) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", os.path.join(REPO, "examples", "accelerate", config),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(REPO, "examples", "accelerate", config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
         os.path.join(REPO, "tests", "distributed", "distributed_epo_run.py"),
-        "--report_dir", os.path.join(output_dir, "reports"), "--output_dir", str(output_dir), *flags,
+        "--report_dir",
+        os.path.join(output_dir, "reports"),
+        "--output_dir",
+        str(output_dir),
+        *flags,
     ]
     if export_dir is not None:
         command += ["--export_dir", str(export_dir)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     # A session of its own, so that a hung launch is stopped with all its worker processes.
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -187,9 +218,18 @@ def test_deepspeed_zero3_lora_exports_adapter_and_merged_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     output_dir, export_dir = tmp_path / "run", tmp_path / "export"
-    flags = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "all-linear",
-             "--beta", "0.04",  # beta > 0: the KL reference is the policy with its adapter disabled
-             *UNEVEN]
+    flags = [
+        "--use_peft",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--lora_target_modules",
+        "all-linear",
+        "--beta",
+        "0.04",  # beta > 0: the KL reference is the policy with its adapter disabled
+        *UNEVEN,
+    ]
     reports = launch("zero3.yaml", output_dir, flags, export_dir=export_dir)
     check_run(reports, output_dir, zero_stage=3, gathered=True, uneven=True)
     for report in reports.values():

@@ -8,8 +8,8 @@ import signal
 import time
 
 import pytest
-
 from helpers.alfworld_testdata import small_game_task
+
 from trl_epo.envs import AlfWorldEnv, EnvPool, StepResult, TextEnv
 from trl_epo.envs.alfworld import (
     TASK_TYPES,
@@ -42,7 +42,9 @@ def test_real_valid_seen_each_task_type_loads_and_the_expert_wins(real_root):
             assert not first.done and not first.won
             assert first.info["task_type"] == task_type
             assert first.info["task_description"] and "Your task is to" not in first.observation
-            assert "help" not in first.admissible_actions and any(a.startswith("go to ") for a in first.admissible_actions)
+            assert "help" not in first.admissible_actions and any(
+                a.startswith("go to ") for a in first.admissible_actions
+            )
             steps = expert_episode(env, spec)
             final, _ = steps[-1]
             assert final.won and final.done and final.reward == 1.0, (task_type, spec.task)
@@ -58,8 +60,10 @@ def test_real_splits_as_datasets(real_root):
     assert len(make_dataset("valid_train", real_root)) == 200
     subset = make_dataset("iid", real_root, task_types=["pick_two_obj_and_place"], num_tasks=5, seed=3)
     assert len(subset) == 5 and set(subset["task_type"]) == {"pick_two_obj_and_place"}
-    assert subset["task"] == make_dataset("iid", real_root, task_types=["pick_two_obj_and_place"], num_tasks=5,
-                                          seed=3)["task"]
+    assert (
+        subset["task"]
+        == make_dataset("iid", real_root, task_types=["pick_two_obj_and_place"], num_tasks=5, seed=3)["task"]
+    )
     with pytest.raises(FileNotFoundError, match="valid_unseen"):
         make_tasks("ood", real_root)  # the test data has no valid_unseen split
 

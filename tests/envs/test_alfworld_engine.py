@@ -78,13 +78,22 @@ def test_old_game_files_are_played_with_the_installed_grammar(real_root):
 
 
 def test_expert_plans_from_facts_and_reports_missing_things():
-    scene = SceneFacts(agent_location="l0", names={"r1": "desk 1", "r2": "drawer 1", "o1": "pen 1"},
-                       receptacle_location={"r1": "l1", "r2": "l1"}, container={"o1": "r2"},
-                       object_type={"o1": "pen"}, receptacle_type={"r1": "desk", "r2": "drawer"},
-                       openable={"r2"}, properties={"pickupable": {"o1"}, "coolable": {"o1"}})
+    scene = SceneFacts(
+        agent_location="l0",
+        names={"r1": "desk 1", "r2": "drawer 1", "o1": "pen 1"},
+        receptacle_location={"r1": "l1", "r2": "l1"},
+        container={"o1": "r2"},
+        object_type={"o1": "pen"},
+        receptacle_type={"r1": "desk", "r2": "drawer"},
+        openable={"r2"},
+        properties={"pickupable": {"o1"}, "coolable": {"o1"}},
+    )
     # The drawer and the desk share a location: one "go to", no second one (it would not be admissible).
     assert expert_plan(scene, "pick_and_place", {"object_target": "Pen", "parent_target": "Desk"}) == [
-        "go to drawer 1", "open drawer 1", "take pen 1 from drawer 1", "move pen 1 to desk 1"
+        "go to drawer 1",
+        "open drawer 1",
+        "take pen 1 from drawer 1",
+        "move pen 1 to desk 1",
     ]
     with pytest.raises(ExpertError, match="No book"):
         expert_plan(scene, "pick_and_place", {"object_target": "Book", "parent_target": "Desk"})

@@ -5,10 +5,9 @@ import json
 import os
 
 import pytest
-
 from helpers.alfworld_testdata import GENERATED_PER_TYPE, GENERATED_SEED
-from trl_epo.envs.alfworld import TASK_TYPES, AlfWorldEnv, make_dataset, make_tasks, read_game
-from trl_epo.envs.alfworld import games
+
+from trl_epo.envs.alfworld import TASK_TYPES, AlfWorldEnv, games, make_dataset, make_tasks, read_game
 from trl_epo.envs.alfworld.game_writer import main
 from trl_epo.envs.alfworld.games import GenerationError, generate_game
 from trl_epo.envs.alfworld.scenes import UNSEEN_SCENES, load_scene, scene_numbers, usable_scenes
@@ -60,7 +59,11 @@ def test_generator_is_deterministic_for_a_seed(generated):
     look_at = next(g for g in generated if g.task_type == "look_at_obj_in_light" and g.index == 0)
     again = generate_game("look_at_obj_in_light", "train", seed=GENERATED_SEED, index=0)
     assert (again.problem, again.walkthrough, again.task_sentence, again.trial) == (
-        look_at.problem, look_at.walkthrough, look_at.task_sentence, look_at.trial)
+        look_at.problem,
+        look_at.walkthrough,
+        look_at.task_sentence,
+        look_at.trial,
+    )
     assert again.game_json() == look_at.game_json() and again.traj_json() == look_at.traj_json()
     other = generate_game("look_at_obj_in_light", "train", seed=GENERATED_SEED + 1, index=0)
     assert other.problem != look_at.problem

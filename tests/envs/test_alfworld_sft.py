@@ -20,12 +20,39 @@ def test_sft_example_trains_a_tiny_model_offline(generated_root, tmp_path):
 
     example = _load_example()
     out = tmp_path / "sft"
-    trainer = example.main([
-        "--tiny", "true", "--data_root", generated_root, "--task_types", "look_at_obj_in_light",
-        "pick_and_place_simple", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
-        "--learning_rate", "1e-3", "--max_length", "2048", "--report_to", "none", "--use_cpu", "true",
-        "--bf16", "false", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
-    ])
+    trainer = example.main(
+        [
+            "--tiny",
+            "true",
+            "--data_root",
+            generated_root,
+            "--task_types",
+            "look_at_obj_in_light",
+            "pick_and_place_simple",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--max_length",
+            "2048",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "true",
+            "--bf16",
+            "false",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert trainer.state.global_step == 2
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)

@@ -10,6 +10,7 @@ import sys
 
 from helpers.alfworld_testdata import REPO_ROOT
 from helpers.scripted import ScriptedLM
+
 from trl_epo.envs.alfworld import AlfWorldEnv, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 
@@ -23,8 +24,10 @@ def _load_example(name):
 
 
 def test_scripted_agent_wins_alfworld_through_the_rollout(tokenizer, generated_root):
-    tasks = [make_tasks("train", generated_root, task_types=[t])[0]
-             for t in ("look_at_obj_in_light", "pick_and_place_simple")]
+    tasks = [
+        make_tasks("train", generated_root, task_types=[t])[0]
+        for t in ("look_at_obj_in_light", "pick_and_place_simple")
+    ]
     env = AlfWorldEnv(data_root=generated_root)
     walkthroughs = {}
     for spec in tasks:
@@ -40,9 +43,12 @@ def test_scripted_agent_wins_alfworld_through_the_rollout(tokenizer, generated_r
 
     # The thread backend: envs in threads of one process must not trip over each other (TextWorld's parsers are
     # module-level; the engine serialises them).
-    rollout = MultiTurnRollout(functools.partial(AlfWorldEnv, data_root=generated_root),
-                               RolloutConfig(max_turns=12, max_turn_tokens=48, max_episode_tokens=20000,
-                                             pool_backend="thread", progress_bar=False))
+    rollout = MultiTurnRollout(
+        functools.partial(AlfWorldEnv, data_root=generated_root),
+        RolloutConfig(
+            max_turns=12, max_turn_tokens=48, max_episode_tokens=20000, pool_backend="thread", progress_bar=False
+        ),
+    )
     try:
         batch = rollout.play(tasks, ModelGenerator(ScriptedLM(tokenizer, oracle), tokenizer), tokenizer)
         episodes, stats = batch.episodes, batch.stats
@@ -57,19 +63,36 @@ def test_scripted_agent_wins_alfworld_through_the_rollout(tokenizer, generated_r
 def test_epo_trains_two_steps_on_alfworld_games(generated_root, tmp_path):
     example = _load_example("train_alfworld")
     out = tmp_path / "run"
-    trainer = example.main([
-        "--config", str(REPO_ROOT / "examples" / "configs" / "alfworld_tiny.yaml"),
-        "--data_root", generated_root, "--generate_per_type", "0", "--output_dir", str(out),
-        "--env_pool_backend", "thread",
-    ])
+    trainer = example.main(
+        [
+            "--config",
+            str(REPO_ROOT / "examples" / "configs" / "alfworld_tiny.yaml"),
+            "--data_root",
+            generated_root,
+            "--generate_per_type",
+            "0",
+            "--output_dir",
+            str(out),
+            "--env_pool_backend",
+            "thread",
+        ]
+    )
     assert trainer.state.global_step == 2
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
     for log in logs:
-        for key in ("epo/entropy", "epo/beta", "rollout/success_rate", "rollout/mean_turns", "rewards/env_reward/mean"):
+        for key in (
+            "epo/entropy",
+            "epo/beta",
+            "rollout/success_rate",
+            "rollout/mean_turns",
+            "rewards/env_reward/mean",
+        ):
             assert key in log, key
     assert logs[1]["epo/beta"] < logs[0]["epo/beta"] and "epo/reference" in logs[1]
-    records = [json.loads(line) for path in glob.glob(os.path.join(out, "_rollouts", "*.jsonl")) for line in open(path)]
+    records = [
+        json.loads(line) for path in glob.glob(os.path.join(out, "_rollouts", "*.jsonl")) for line in open(path)
+    ]
     assert len(records) == 2 * 4
     first_user = next(m["content"] for m in records[0]["messages"] if m["role"] == "user")
     assert first_user.startswith("Task: ") and "Available actions: " in first_user and "go to " in first_user

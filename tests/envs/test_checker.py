@@ -12,6 +12,7 @@ from trl_epo.envs import StepResult, ToyEnv, check_text_env
 from trl_epo.envs.checker import CHECK_NAMES, CheckReport, TextEnvContractError
 from trl_epo.envs.registry import get_env, registered_envs
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The registered environments
 # ---------------------------------------------------------------------------------------------------------------------

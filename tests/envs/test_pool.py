@@ -8,13 +8,12 @@ import time
 
 import psutil
 import pytest
+from helpers.pool_envs import ChildProcessEnv, ExitingEnv, FaultyToyEnv, PrefetchRecordingEnv
+from helpers.scripted import ScriptedLM
 
 from trl_epo.envs import EnvPool, ToyEnv
 from trl_epo.envs.toy import expert_actions, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
-
-from helpers.pool_envs import ChildProcessEnv, ExitingEnv, FaultyToyEnv, PrefetchRecordingEnv
-from helpers.scripted import ScriptedLM
 
 
 def alive(pid):

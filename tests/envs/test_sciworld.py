@@ -11,10 +11,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 import helpers.sciworld_required  # noqa: F401  (skips this module without scienceworld or Java)
 import psutil  # noqa: E402  (a dependency of accelerate)
+import pytest
 
 from trl_epo.envs import ActionFormat, EnvPool, StepResult, TaskSpec  # noqa: E402
 from trl_epo.envs.registry import get_env  # noqa: E402
@@ -112,8 +111,12 @@ def play(env, actions):
 
 @pytest.mark.parametrize(
     "name,variation",
-    [("find-non-living-thing", 0), ("lifespan-longest-lived", 0), ("power-component", 0),
-     ("chemistry-mix-paint-secondary-color", 1)],
+    [
+        ("find-non-living-thing", 0),
+        ("lifespan-longest-lived", 0),
+        ("power-component", 0),
+        ("chemistry-mix-paint-secondary-color", 1),
+    ],
 )
 def test_gold_path_wins(env, name, variation):
     first = env.reset(task(name, variation))
@@ -455,11 +458,19 @@ def test_expert_prompts_are_exactly_what_the_rollout_shows(tokenizer, history):
         return seen[context]
 
     model = ScriptedLM(tokenizer, policy)
-    config = RolloutConfig(max_turns=30, max_turn_tokens=64, prompt_style=style, pool_backend="inline",
-                           history_turns=history, progress_bar=False)
+    config = RolloutConfig(
+        max_turns=30,
+        max_turn_tokens=64,
+        prompt_style=style,
+        pool_backend="inline",
+        history_turns=history,
+        progress_bar=False,
+    )
     rollout = MultiTurnRollout(functools.partial(ScienceWorldEnv, **env_kwargs), config)
     try:
-        played = rollout.play([spec], ModelGenerator(model, tokenizer, temperature=0, progress_bar=False), tokenizer).episodes
+        played = rollout.play(
+            [spec], ModelGenerator(model, tokenizer, temperature=0, progress_bar=False), tokenizer
+        ).episodes
     finally:
         rollout.close()
     assert played[0].won and played[0].actions == episode.actions

@@ -5,8 +5,8 @@ import functools
 import helpers.sciworld_required  # noqa: F401  (skips this module without scienceworld or Java)
 import psutil  # noqa: E402
 import torch  # noqa: E402
-
 from conftest import base_config_kwargs  # noqa: E402
+
 from trl_epo import EPOConfig, EPOTrainer  # noqa: E402
 from trl_epo.envs import PromptStyle  # noqa: E402
 from trl_epo.envs.sciworld import (  # noqa: E402
@@ -33,8 +33,13 @@ def teach_one_command(model, tokenizer, tasks, factory, command="look around", s
             second = env.step(command)
             messages = style.first_messages(first.info["task_description"], first)
             contexts.append(messages)
-            contexts.append(messages + [{"role": "assistant", "content": answer_text},
-                                        {"role": "user", "content": style.observation_text(second)}])
+            contexts.append(
+                messages
+                + [
+                    {"role": "assistant", "content": answer_text},
+                    {"role": "user", "content": style.observation_text(second)},
+                ]
+            )
     finally:
         env.close()
     answer = tokenizer(answer_text + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
@@ -43,7 +48,9 @@ def teach_one_command(model, tokenizer, tasks, factory, command="look around", s
         for messages in contexts:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            loss = model(input_ids=torch.tensor([ids + answer]), labels=torch.tensor([[-100] * len(ids) + answer])).loss
+            loss = model(
+                input_ids=torch.tensor([ids + answer]), labels=torch.tensor([[-100] * len(ids) + answer])
+            ).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -64,8 +71,15 @@ def test_epo_trains_two_steps_on_sciworld(tokenizer, make_model, tmp_path, monke
     monkeypatch.setattr(MultiTurnRollout, "play", play_and_record_jvms)
     args = EPOConfig(
         **base_config_kwargs(
-            tmp_path, max_steps=2, per_device_train_batch_size=4, num_generations=2, max_completion_length=1024,
-            env_max_turns=3, env_max_turn_tokens=12, env_pool_size=2, env_instruction=INSTRUCTION,
+            tmp_path,
+            max_steps=2,
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=1024,
+            env_max_turns=3,
+            env_max_turn_tokens=12,
+            env_pool_size=2,
+            env_instruction=INSTRUCTION,
         )
     )
     dataset = make_dataset("train", num_tasks=4, seed=0, task_types=["find-living-thing", "boil"])
@@ -74,16 +88,21 @@ def test_epo_trains_two_steps_on_sciworld(tokenizer, make_model, tmp_path, monke
     factory = functools.partial(ScienceWorldEnv, max_turns=2, show_objects=False, show_action_templates="never")
     model = make_model()
     assert teach_one_command(model, tokenizer, [dataset[i] for i in range(2)], factory) < 0.3
-    trainer = EPOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         env_factory=factory)
+    trainer = EPOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer, env_factory=factory)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
 
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and trainer.state.global_step == 2
     for log in logs:
-        for key in ("rollout/success_rate", "rollout/mean_turns", "rollout/time_env", "epo/entropy",
-                    "epo/entropy_turn/0", "rewards/env_reward/mean"):
+        for key in (
+            "rollout/success_rate",
+            "rollout/mean_turns",
+            "rollout/time_env",
+            "epo/entropy",
+            "epo/entropy_turn/0",
+            "rewards/env_reward/mean",
+        ):
             assert key in log, key
         assert log["rollout/env_error_episodes"] == 0
     # real commands reached the simulator, and episodes it ended report the paper's success rule too

@@ -5,6 +5,8 @@ import json
 import math
 
 import pytest
+from helpers.policies import garbage_policy, toy_solver
+from helpers.scripted import ScriptedLM
 
 from trl_epo.cli import evaluate_main as main
 from trl_epo.cli import load_model_for_eval
@@ -13,10 +15,6 @@ from trl_epo.results import load_eval_results as read_eval_results
 from trl_epo.results import save_eval_results, wilson_interval
 from trl_epo.rollout import RolloutConfig
 from trl_epo.run_files import EVAL_RESULTS_NAME
-
-from helpers.scripted import ScriptedLM
-from helpers.policies import garbage_policy
-from helpers.policies import toy_solver
 
 
 def test_wilson_interval_on_known_counts():
@@ -36,8 +34,18 @@ def test_wilson_interval_on_known_counts():
 
 def test_scripted_solver_scores_one_with_the_right_interval(tokenizer):
     model = ScriptedLM(tokenizer, toy_solver)
-    result = evaluate(model, tokenizer, env="toy", split="iid", num_episodes=5, seed=[0, 1], max_turn_tokens=40,
-                      pool_backend="thread", batch_size=3, progress_bar=False)
+    result = evaluate(
+        model,
+        tokenizer,
+        env="toy",
+        split="iid",
+        num_episodes=5,
+        seed=[0, 1],
+        max_turn_tokens=40,
+        pool_backend="thread",
+        batch_size=3,
+        progress_bar=False,
+    )
     assert result["num_episodes"] == 10 and result["num_tasks"] == 5 and result["seeds"] == [0, 1]
     assert result["success_rate"] == 1.0 and result["successes"] == 10
     assert result["success_ci"] == pytest.approx(list(wilson_interval(10, 10)))
@@ -54,8 +62,17 @@ def test_scripted_solver_scores_one_with_the_right_interval(tokenizer):
 
 def test_invalid_answers_and_turn_limit(tokenizer):
     model = ScriptedLM(tokenizer, garbage_policy)
-    result = evaluate(model, tokenizer, env="toy", split="ood", num_episodes=3, max_turns=2, max_turn_tokens=40,
-                      pool_backend="inline", progress_bar=False)
+    result = evaluate(
+        model,
+        tokenizer,
+        env="toy",
+        split="ood",
+        num_episodes=3,
+        max_turns=2,
+        max_turn_tokens=40,
+        pool_backend="inline",
+        progress_bar=False,
+    )
     assert result["success_rate"] == 0.0 and result["invalid_turn_rate"] == 1.0
     assert result["mean_turns"] == 2 and result["truncation_rate"] == 1.0
     assert result["success_ci"][0] == 0.0 and result["success_ci"][1] == pytest.approx(wilson_interval(0, 3)[1])
@@ -79,9 +96,19 @@ def test_split_task_selection():
 
 def test_eval_results_file_merges_per_split_and_feeds_the_model_card(tmp_path):
     def fake(split, rate):
-        return {"env": "toy", "split": split, "success_rate": rate, "num_episodes": 4, "success_ci": [0.1, 0.9],
-                "seeds": [0], "mean_turns": 3.5, "invalid_turn_rate": 0.25, "model": "m",
-                "settings": {"temperature": 0.4}, "episodes": [{"won": True}]}
+        return {
+            "env": "toy",
+            "split": split,
+            "success_rate": rate,
+            "num_episodes": 4,
+            "success_ci": [0.1, 0.9],
+            "seeds": [0],
+            "mean_turns": 3.5,
+            "invalid_turn_rate": 0.25,
+            "model": "m",
+            "settings": {"temperature": 0.4},
+            "episodes": [{"won": True}],
+        }
 
     path = save_eval_results(fake("iid", 0.5), str(tmp_path))
     assert path == str(tmp_path / EVAL_RESULTS_NAME)
@@ -110,8 +137,24 @@ def test_command_line_on_saved_checkpoint_and_lora_adapter(tokenizer, make_model
     tokenizer.save_pretrained(run)  # a checkpoint without tokenizer files: found in the parent output_dir
     recorded = RolloutConfig(max_turns=2, max_turn_tokens=6).to_dict()
     (run / "epo_run.json").write_text(json.dumps({"rollout": {"env": "toy", "env_kwargs": {}, "config": recorded}}))
-    results = main(["--model", str(checkpoint), "--env", "toy", "--split", "iid", "ood", "--num_episodes", "3",
-                    "--pool_backend", "thread", "--seeds", "0", "1"])
+    results = main(
+        [
+            "--model",
+            str(checkpoint),
+            "--env",
+            "toy",
+            "--split",
+            "iid",
+            "ood",
+            "--num_episodes",
+            "3",
+            "--pool_backend",
+            "thread",
+            "--seeds",
+            "0",
+            "1",
+        ]
+    )
     saved = read_eval_results(str(checkpoint / EVAL_RESULTS_NAME))
     assert [r.split for r in saved] == ["iid", "ood"]
     for r in saved:
@@ -131,6 +174,15 @@ def test_command_line_on_saved_checkpoint_and_lora_adapter(tokenizer, make_model
     peft_model.save_pretrained(adapter)
     loaded, loaded_tokenizer = load_model_for_eval(str(adapter), device="cpu")
     assert type(loaded).__name__.startswith("Peft") and loaded_tokenizer.chat_template
-    result = evaluate(loaded, loaded_tokenizer, "toy", "iid", num_episodes=2, max_turns=1, max_turn_tokens=4,
-                      pool_backend="inline", progress_bar=False)
+    result = evaluate(
+        loaded,
+        loaded_tokenizer,
+        "toy",
+        "iid",
+        num_episodes=2,
+        max_turns=1,
+        max_turn_tokens=4,
+        pool_backend="inline",
+        progress_bar=False,
+    )
     assert result["num_episodes"] == 2

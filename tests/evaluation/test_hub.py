@@ -46,14 +46,18 @@ class HubBoundary:
         ignore = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
         folder = Path(folder_path)
         listing = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
-        files = list(filter_repo_objects(listing, allow_patterns=allow_patterns,
-                                         ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS))
+        files = list(
+            filter_repo_objects(
+                listing, allow_patterns=allow_patterns, ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS
+            )
+        )
         for relative in files:
             target = self.staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / relative, target)
-        self.uploads.append({"repo_id": repo_id, "folder_path": str(folder_path), "files": files,
-                             "ignore_patterns": ignore, **kwargs})
+        self.uploads.append(
+            {"repo_id": repo_id, "folder_path": str(folder_path), "files": files, "ignore_patterns": ignore, **kwargs}
+        )
         return f"https://huggingface.co/{repo_id}/commit/0"
 
 
@@ -67,20 +71,66 @@ def hub(tmp_path, monkeypatch):
 
 def test_push_to_hub_uploads_model_and_epo_card(tmp_path, hub):
     output_dir = tmp_path / "toy-epo"
-    script_args, args, model_args = make_parser().parse_args_and_config(args=[
-        "--model_name_or_path", "tiny", "--output_dir", str(output_dir), "--hub_model_id", "someone/toy-epo",
-        "--bf16", "false", "--use_cpu", "true", "--max_steps", "2", "--per_device_train_batch_size", "4",
-        "--num_generations", "2", "--max_completion_length", "96", "--env_max_turns", "3",
-        "--env_max_turn_tokens", "8", "--env_pool_backend", "thread", "--num_tasks", "6", "--learning_rate", "1e-2",
-        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--report_to", "none",
-        "--disable_tqdm", "true", "--epo_smoothing_alpha", "0.05", "--epo_kappa_high", "1.5",
-        "--epo_reference", "per_turn",
-    ])
+    script_args, args, model_args = make_parser().parse_args_and_config(
+        args=[
+            "--model_name_or_path",
+            "tiny",
+            "--output_dir",
+            str(output_dir),
+            "--hub_model_id",
+            "someone/toy-epo",
+            "--bf16",
+            "false",
+            "--use_cpu",
+            "true",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--num_generations",
+            "2",
+            "--max_completion_length",
+            "96",
+            "--env_max_turns",
+            "3",
+            "--env_max_turn_tokens",
+            "8",
+            "--env_pool_backend",
+            "thread",
+            "--num_tasks",
+            "6",
+            "--learning_rate",
+            "1e-2",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--epo_smoothing_alpha",
+            "0.05",
+            "--epo_kappa_high",
+            "1.5",
+            "--epo_reference",
+            "per_turn",
+        ]
+    )
     trainer = build_trainer(script_args, args, model_args)
     trainer.train()
     # An evaluation function records its results next to the model (see trl_epo.results.save_eval_results).
-    result = EvalResult.from_outcomes("toy", "ood", [True, False, True, False, False], seeds=[0, 1],
-                                      temperature=0.4, mean_turns=3.0, model=str(output_dir))
+    result = EvalResult.from_outcomes(
+        "toy",
+        "ood",
+        [True, False, True, False, False],
+        seeds=[0, 1],
+        temperature=0.4,
+        mean_turns=3.0,
+        model=str(output_dir),
+    )
     save_eval_results(result, str(output_dir))
 
     with pytest.raises(ValueError, match="--use_peft"):  # full fine-tuning: there is no adapter to save alone
@@ -95,8 +145,16 @@ def test_push_to_hub_uploads_model_and_epo_card(tmp_path, hub):
     assert upload["repo_id"] == "someone/toy-epo" and Path(upload["folder_path"]) == output_dir
     assert upload["commit_message"] == "End of training"
     files = set(upload["files"])
-    expected = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "training_args.bin", "eval_results.json"}
+    expected = {
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "training_args.bin",
+        "eval_results.json",
+    }
     assert expected <= files, expected - files
     assert (output_dir / "checkpoint-2" / "epo_state.json").exists()
     assert not [f for f in files if f.startswith(("checkpoint-", "_tiny_base"))]
@@ -174,10 +232,22 @@ def test_eval_results_file_round_trip_and_validation(tmp_path):
 
 def test_card_section_without_task_columns_or_history():
     summary = {
-        "epo": {"epo_entropy_coef": 0.001}, "env": {}, "base": {"loss_type": "dapo"}, "tasks": None,
-        "reference": {"mode": "cumulative", "value": None, "num_updates": 0, "last_step_entropy": None,
-                      "turn_values": {}},
-        "global_step": 0, "max_steps": 5, "adapter": None, "quantization": None, "distributed": "a single process",
+        "epo": {"epo_entropy_coef": 0.001},
+        "env": {},
+        "base": {"loss_type": "dapo"},
+        "tasks": None,
+        "reference": {
+            "mode": "cumulative",
+            "value": None,
+            "num_updates": 0,
+            "last_step_entropy": None,
+            "turn_values": {},
+        },
+        "global_step": 0,
+        "max_steps": 5,
+        "adapter": None,
+        "quantization": None,
+        "distributed": "a single process",
     }
     text = epo_card_section(summary)
     assert "environment not recorded" in text and "entropy reference is empty" in text

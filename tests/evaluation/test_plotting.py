@@ -8,14 +8,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import base_config_kwargs
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.cli import main as cli_main
 from trl_epo.envs.toy import ToyEnv, make_dataset
 from trl_epo.plotting import find_trainer_state, load_log_history, plot_run, rolling_mean, series, turn_entropy_matrix
 from trl_epo.tiny import build_tiny_model
-
-from conftest import base_config_kwargs
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,13 +27,28 @@ def run_dir(tmp_path_factory, tokenizer):
     output_dir = tmp_path_factory.mktemp("run")
     args = EPOConfig(
         **base_config_kwargs(
-            output_dir, max_steps=4, per_device_train_batch_size=4, num_generations=2, max_completion_length=160,
-            env_max_turns=3, env_max_turn_tokens=10, env_pool_backend="thread", save_strategy="steps", save_steps=2,
-            epo_kappa_low=0.5, epo_kappa_high=1.5, env_log_episodes=False,
+            output_dir,
+            max_steps=4,
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=160,
+            env_max_turns=3,
+            env_max_turn_tokens=10,
+            env_pool_backend="thread",
+            save_strategy="steps",
+            save_steps=2,
+            epo_kappa_low=0.5,
+            epo_kappa_high=1.5,
+            env_log_episodes=False,
         )
     )
-    trainer = EPOTrainer(build_tiny_model(tokenizer), args=args, train_dataset=make_dataset("train", 8),
-                         processing_class=tokenizer, env_factory=ToyEnv)
+    trainer = EPOTrainer(
+        build_tiny_model(tokenizer),
+        args=args,
+        train_dataset=make_dataset("train", 8),
+        processing_class=tokenizer,
+        env_factory=ToyEnv,
+    )
     trainer.train()
     torch.set_num_threads(threads)
     return output_dir
@@ -91,7 +105,8 @@ def test_history_helpers_on_hand_made_logs(tmp_path):
     assert matrix[0] == [2.0, 1.0] and matrix[1][0] == 5.0 and math.isnan(matrix[1][1])
     assert rolling_mean([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
     # A GRPO-like history without EPO metrics still plots (panels say "not logged").
-    (tmp_path / "trainer_state.json").write_text(json.dumps(
-        {"global_step": 2, "log_history": [{"step": 1, "reward": 0.0}, {"step": 2, "reward": 0.5}]}))
+    (tmp_path / "trainer_state.json").write_text(
+        json.dumps({"global_step": 2, "log_history": [{"step": 1, "reward": 0.0}, {"step": 2, "reward": 0.5}]})
+    )
     written = plot_run(str(tmp_path))
     assert set(written) == {"epo_dynamics"}

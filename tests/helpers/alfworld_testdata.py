@@ -60,8 +60,10 @@ def generated_games():
 def real_root():
     root = real_games_root()
     if root is None:
-        pytest.skip(f"real ALFWorld games not found: {REAL_GAMES_FILE} (looked at {real_games_tarball()}; "
-                    "set TRL_EPO_ALFWORLD_TAR to its path)")
+        pytest.skip(
+            f"real ALFWorld games not found: {REAL_GAMES_FILE} (looked at {real_games_tarball()}; "
+            "set TRL_EPO_ALFWORLD_TAR to its path)"
+        )
     return root
 
 

@@ -7,8 +7,10 @@ def toy_solver(conversation: str) -> str:
     available = conversation.rsplit("Available actions:", 1)[-1].split("\n", 1)[0].split("<|", 1)[0]
     actions = {a.strip() for a in available.split(",")}
     if f"drop {item}" not in actions:  # not carrying it yet
-        return f"The {item} is here. <action>take {item}</action>" if f"take {item}" in actions else (
-            "Keep looking. <action>go east</action>"
+        return (
+            f"The {item} is here. <action>take {item}</action>"
+            if f"take {item}" in actions
+            else ("Keep looking. <action>go east</action>")
         )
     if item == "key":
         return "<action>open door</action>" if "open door" in actions else "<action>go east</action>"

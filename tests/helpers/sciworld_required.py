@@ -4,7 +4,9 @@
 import pytest
 
 
-pytest.importorskip("scienceworld", reason="the scienceworld package is not installed (pip install 'trl-epo[sciworld]')")
+pytest.importorskip(
+    "scienceworld", reason="the scienceworld package is not installed (pip install 'trl-epo[sciworld]')"
+)
 
 from trl_epo.envs.sciworld import JavaNotFoundError, find_java  # noqa: E402
 

@@ -20,8 +20,9 @@ class ScriptedLM(PreTrainedModel, GenerationMixin):
     config_class = ScriptedConfig
 
     def __init__(self, tokenizer, policy, plain_text: bool = False):
-        config = ScriptedConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id)
+        config = ScriptedConfig(
+            vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
         super().__init__(config)
         self.anchor = nn.Parameter(torch.zeros(1))
         self.tokenizer = tokenizer

@@ -46,8 +46,12 @@ def test_continuing_from_the_cache_matches_fresh_encoding(tokenizer, make_model)
         with torch.no_grad():
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             start = cache.get_seq_length()
-            cached = model(input_ids=input_ids[:, start:], attention_mask=attention_mask, past_key_values=cache,
-                           position_ids=position_ids[:, start:]).logits[:, -1]
+            cached = model(
+                input_ids=input_ids[:, start:],
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids[:, start:],
+            ).logits[:, -1]
     fresh = fresh_last_logits(model, nxt, tokenizer.pad_token_id)
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
@@ -102,13 +106,16 @@ def test_contexts_that_do_not_extend_the_last_call_are_encoded_afresh(tokenizer,
     assert gen._cache_state is None  # leaving the rollout drops the cache (the weights change)
 
 
-@pytest.mark.parametrize("setting", [{"repetition_penalty": 1.3}, {"cache_implementation": "static"}, {"min_length": 2}])
+@pytest.mark.parametrize(
+    "setting", [{"repetition_penalty": 1.3}, {"cache_implementation": "static"}, {"min_length": 2}]
+)
 def test_reuse_is_skipped_where_it_could_not_be_exact(tokenizer, make_model, setting):
     from transformers import GenerationConfig
 
     model = make_model().eval()
-    config = GenerationConfig(do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, **setting)
+    config = GenerationConfig(
+        do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **setting
+    )
     gen = ModelGenerator(model, tokenizer, generation_config=config, progress_bar=False)
     rng = torch.Generator().manual_seed(4)
     with gen:
@@ -126,8 +133,12 @@ def test_full_context_rollout_feeds_each_token_about_once(tokenizer, make_model)
     tasks = make_tasks("train", 4)
     results = {}
     for reuse in (True, False):
-        rollout = MultiTurnRollout(ToyEnv, RolloutConfig(pool_backend="inline", progress_bar=False, max_turns=6,
-                                                         max_turn_tokens=10, max_episode_tokens=4000))
+        rollout = MultiTurnRollout(
+            ToyEnv,
+            RolloutConfig(
+                pool_backend="inline", progress_bar=False, max_turns=6, max_turn_tokens=10, max_episode_tokens=4000
+            ),
+        )
         gen = ModelGenerator(model, tokenizer, temperature=0, progress_bar=False, reuse_kv_cache=reuse)
         batch = rollout.play(tasks, gen, tokenizer)
         episodes, stats = batch.episodes, batch.stats

@@ -9,17 +9,16 @@ import os
 import psutil
 import pytest
 import torch
+from conftest import base_config_kwargs
+from helpers.policies import garbage_policy, toy_solver
+from helpers.pool_envs import FaultyToyEnv
+from helpers.scripted import ScriptedLM
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.envs.base import ActionFormat, TaskSpec
 from trl_epo.envs.prompting import PromptStyle
 from trl_epo.envs.toy import ToyEnv, make_dataset, make_tasks
-from trl_epo.rollout import MultiTurnRollout, ModelGenerator, RolloutConfig
-
-from conftest import base_config_kwargs
-from helpers.pool_envs import FaultyToyEnv
-from helpers.scripted import ScriptedLM
-from helpers.policies import garbage_policy, toy_solver
+from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 
 
 toy_oracle = toy_solver  # the scripted solver used across the tests
@@ -61,7 +60,7 @@ def runs(mask):
 def test_sequences_masks_and_turn_ids_are_exact(tokenizer, make_model):
     tasks = make_tasks("train", 3)
     episodes, stats, generator = play(tasks, make_model(), tokenizer, max_turns=3, max_turn_tokens=12)
-    style, fmt = PromptStyle(), ActionFormat()
+    style = PromptStyle()
     eos = tokenizer.eos_token_id
     per_turn_outputs = [[] for _ in episodes]
     # Episodes stay live for all 3 turns (the random model never solves a task), so call k holds turn k of each.
@@ -152,8 +151,13 @@ def test_env_faults_fail_their_episodes_and_later_batches_work(tokenizer, env_er
         dataclasses.replace(healthy[1], extra={"fault": "raise", "fault_step": 2}),
     ]
     config = RolloutConfig(
-        pool_backend="process", step_timeout=2.0, max_turns=6, max_turn_tokens=40, max_episode_tokens=4000,
-        progress_bar=False, env_error_reward=env_error_reward,
+        pool_backend="process",
+        step_timeout=2.0,
+        max_turns=6,
+        max_turn_tokens=40,
+        max_episode_tokens=4000,
+        progress_bar=False,
+        env_error_reward=env_error_reward,
     )
     rollout = MultiTurnRollout(FaultyToyEnv, config)
     model = ScriptedLM(tokenizer, toy_oracle)
@@ -176,19 +180,27 @@ def test_env_faults_fail_their_episodes_and_later_batches_work(tokenizer, env_er
         worker_pids = [pid for pid in rollout.pool.worker_pids() if pid]
     finally:
         rollout.close()
-    assert worker_pids and not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
-                                   for pid in worker_pids)
+    assert worker_pids and not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in worker_pids
+    )
 
 
 def test_epo_trainer_trains_two_steps_on_the_toy_env(tokenizer, make_model, tmp_path):
     args = EPOConfig(
         **base_config_kwargs(
-            tmp_path, max_steps=2, per_device_train_batch_size=4, num_generations=2, max_completion_length=160,
-            env_max_turns=3, env_max_turn_tokens=12, env_pool_backend="thread",
+            tmp_path,
+            max_steps=2,
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=160,
+            env_max_turns=3,
+            env_max_turn_tokens=12,
+            env_pool_backend="thread",
         )
     )
-    trainer = EPOTrainer(make_model(), args=args, train_dataset=make_dataset("train", 8), processing_class=tokenizer,
-                         env_factory=ToyEnv)
+    trainer = EPOTrainer(
+        make_model(), args=args, train_dataset=make_dataset("train", 8), processing_class=tokenizer, env_factory=ToyEnv
+    )
     seen = []
     original = trainer._compute_loss
 
@@ -201,9 +213,18 @@ def test_epo_trainer_trains_two_steps_on_the_toy_env(tokenizer, make_model, tmp_
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
     for log in logs:
-        for key in ("rollout/success_rate", "rollout/mean_turns", "rollout/invalid_turn_rate", "rollout/time_generate",
-                    "rollout/time_env", "rollout/generated_tokens_per_s", "epo/entropy", "epo/entropy_turn/0",
-                    "epo/entropy_turn/1", "rewards/env_reward/mean"):
+        for key in (
+            "rollout/success_rate",
+            "rollout/mean_turns",
+            "rollout/invalid_turn_rate",
+            "rollout/time_generate",
+            "rollout/time_env",
+            "rollout/generated_tokens_per_s",
+            "epo/entropy",
+            "epo/entropy_turn/0",
+            "epo/entropy_turn/1",
+            "rewards/env_reward/mean",
+        ):
             assert key in log, key
     # turn ids and the env mask reach the loss, aligned with the completion.
     inputs = seen[0]
@@ -216,8 +237,9 @@ def test_epo_trainer_trains_two_steps_on_the_toy_env(tokenizer, make_model, tmp_
     tasks = [e.task for e in trainer.env_rollout.last_batch.episodes]
     assert all(tasks[i] == tasks[i + 1] for i in range(0, len(tasks), 2))
     # Every episode was written to disk.
-    records = [json.loads(line) for path in glob.glob(os.path.join(tmp_path, "_rollouts", "*.jsonl"))
-               for line in open(path)]
+    records = [
+        json.loads(line) for path in glob.glob(os.path.join(tmp_path, "_rollouts", "*.jsonl")) for line in open(path)
+    ]
     assert len(records) == 2 * 4 and all("messages" in r and "reward" in r for r in records)
     assert trainer.env_rollout.pool is None  # the env workers were stopped when training ended
 

@@ -5,11 +5,10 @@ num_generations)` interface TRL's backend has."""
 import math
 
 import torch
+from conftest import base_config_kwargs
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.envs.toy import ToyEnv, make_dataset
-
-from conftest import base_config_kwargs
 
 
 class StandInVLLM:
@@ -51,12 +50,19 @@ class StandInVLLM:
 def test_vllm_backend_gets_per_turn_limits_and_its_logprobs_reach_the_batch(tokenizer, make_model, tmp_path):
     args = EPOConfig(
         **base_config_kwargs(
-            tmp_path, max_steps=1, per_device_train_batch_size=2, num_generations=2, max_completion_length=120,
-            env_max_turns=3, env_max_turn_tokens=7, env_pool_backend="thread",
+            tmp_path,
+            max_steps=1,
+            per_device_train_batch_size=2,
+            num_generations=2,
+            max_completion_length=120,
+            env_max_turns=3,
+            env_max_turn_tokens=7,
+            env_pool_backend="thread",
         )
     )
-    trainer = EPOTrainer(make_model(), args=args, train_dataset=make_dataset("train", 2), processing_class=tokenizer,
-                         env_factory=ToyEnv)
+    trainer = EPOTrainer(
+        make_model(), args=args, train_dataset=make_dataset("train", 2), processing_class=tokenizer, env_factory=ToyEnv
+    )
     backend = StandInVLLM(trainer.model, tokenizer.eos_token_id)
     trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, backend, -1
     rows = [dict(r) for r in make_dataset("train", 1)] * 2

@@ -2,15 +2,14 @@
 training forward that scores every answer on exactly the context it was generated from."""
 
 import torch
-
-from trl_epo import EPOConfig, EPOTrainer
-from trl_epo.envs.toy import ToyEnv, make_dataset, make_tasks
-from trl_epo.rollout import MultiTurnRollout, ModelGenerator, RolloutConfig, find_sublist
-from trl_epo.packing import block_position_ids
-
 from conftest import base_config_kwargs
 from helpers.scripted import ScriptedLM
 from test_rollout import runs, toy_oracle
+
+from trl_epo import EPOConfig, EPOTrainer
+from trl_epo.envs.toy import ToyEnv, make_dataset, make_tasks
+from trl_epo.packing import block_position_ids
+from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig, find_sublist
 
 
 class ContextRecorder(ModelGenerator):
@@ -25,8 +24,8 @@ class ContextRecorder(ModelGenerator):
 
 def play_windowed(tokenizer, model, tasks, k, **config):
     rollout = MultiTurnRollout(
-        ToyEnv, RolloutConfig(pool_backend="thread", progress_bar=False, history_turns=k, max_episode_tokens=8000,
-                              **config)
+        ToyEnv,
+        RolloutConfig(pool_backend="thread", progress_bar=False, history_turns=k, max_episode_tokens=8000, **config),
     )
     generator = ContextRecorder(model, tokenizer)
     try:
@@ -80,8 +79,9 @@ def test_block_position_ids():
 def test_packed_forward_scores_each_answer_on_its_own_context(tokenizer, make_model, tmp_path):
     args = EPOConfig(**base_config_kwargs(tmp_path, env_history_turns=1, temperature=0.9))
     model = make_model(initializer_range=0.5)
-    trainer = EPOTrainer(model, args=args, train_dataset=make_dataset("train", 4), processing_class=tokenizer,
-                         env_factory=ToyEnv)
+    trainer = EPOTrainer(
+        model, args=args, train_dataset=make_dataset("train", 4), processing_class=tokenizer, env_factory=ToyEnv
+    )
     tasks = make_tasks("train", 2)
     batch, episodes, _, _ = play_windowed(tokenizer, trainer.model, tasks, k=1, max_turns=4, max_turn_tokens=6)
     trainer._packed_block_marker = batch.block_marker
@@ -92,11 +92,15 @@ def test_packed_forward_scores_each_answer_on_its_own_context(tokenizer, make_mo
     prompt = torch.tensor([[pad] * (width_p - len(e.prompt_ids)) + e.prompt_ids for e in episodes])
     prompt_mask = torch.tensor([[0] * (width_p - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in episodes])
     completion = torch.tensor([e.completion_ids + [pad] * (width_c - len(e.completion_ids)) for e in episodes])
-    completion_mask = torch.tensor([[1] * len(e.completion_ids) + [0] * (width_c - len(e.completion_ids))
-                                    for e in episodes])
+    completion_mask = torch.tensor(
+        [[1] * len(e.completion_ids) + [0] * (width_c - len(e.completion_ids)) for e in episodes]
+    )
     with torch.no_grad():
         logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask], 1), width_c,
+            trainer.model,
+            torch.cat([prompt, completion], 1),
+            torch.cat([prompt_mask, completion_mask], 1),
+            width_c,
             compute_entropy=True,
         )
     checked = 0
@@ -119,12 +123,22 @@ def test_packed_forward_scores_each_answer_on_its_own_context(tokenizer, make_mo
 
 
 def test_epo_trainer_trains_with_windowed_contexts(tokenizer, make_model, tmp_path):
-    args = EPOConfig(**base_config_kwargs(
-        tmp_path, max_steps=2, per_device_train_batch_size=4, num_generations=2, max_completion_length=600,
-        env_max_turns=3, env_max_turn_tokens=10, env_pool_backend="thread", env_history_turns=2,
-    ))
-    trainer = EPOTrainer(make_model(), args=args, train_dataset=make_dataset("train", 8), processing_class=tokenizer,
-                         env_factory=ToyEnv)
+    args = EPOConfig(
+        **base_config_kwargs(
+            tmp_path,
+            max_steps=2,
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=600,
+            env_max_turns=3,
+            env_max_turn_tokens=10,
+            env_pool_backend="thread",
+            env_history_turns=2,
+        )
+    )
+    trainer = EPOTrainer(
+        make_model(), args=args, train_dataset=make_dataset("train", 8), processing_class=tokenizer, env_factory=ToyEnv
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)

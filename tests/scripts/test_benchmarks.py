@@ -11,12 +11,11 @@ import sys
 
 import pytest
 import torch
+from helpers.scripted import ScriptedLM
 
 from trl_epo.envs.prompting import PromptStyle
 from trl_epo.envs.toy import ToyEnv, expert_actions, make_tasks
 from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
-
-from helpers.scripted import ScriptedLM
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,8 +109,17 @@ def test_expert_sft_data_is_the_rollout_format(tokenizer, show_actions):
             turn = conversation.count("<|im_start|>assistant") - 1
             return f"<action>{plan[turn]}</action>"
 
-        rollout = MultiTurnRollout(ToyEnv, RolloutConfig(max_turns=20, max_turn_tokens=40, max_episode_tokens=8000,
-                                                         pool_backend="inline", progress_bar=False, prompt_style=style))
+        rollout = MultiTurnRollout(
+            ToyEnv,
+            RolloutConfig(
+                max_turns=20,
+                max_turn_tokens=40,
+                max_episode_tokens=8000,
+                pool_backend="inline",
+                progress_bar=False,
+                prompt_style=style,
+            ),
+        )
         (episode,) = rollout.play([task], ModelGenerator(ScriptedLM(tokenizer, replay), tokenizer), tokenizer).episodes
         assert episode.won and episode.messages == expert
         rows = compare.sft_rows([expert])

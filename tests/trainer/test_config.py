@@ -1,11 +1,10 @@
 """EPOConfig: defaults, validation and the relation to TRL's own entropy bonus."""
 
 import pytest
+from conftest import base_config_kwargs
 from trl import GRPOConfig
 
 from trl_epo import EPOConfig
-
-from conftest import base_config_kwargs
 
 
 def test_defaults_follow_the_paper(tmp_path):

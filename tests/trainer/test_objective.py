@@ -106,7 +106,14 @@ def test_corridor_gradient_is_minus_alpha_zero_plus_alpha_per_unit(aggregation):
     weights = trajectory_weights(mask, turn_ids) if aggregation == "trajectory" else token_weights(mask)
     alpha = 0.1
     terms = epo_regularizer(
-        entropy, weights, mask, entropy_coef=1.0, beta=1.0, reference=1.0, alpha=alpha, kappa_low=0.5,
+        entropy,
+        weights,
+        mask,
+        entropy_coef=1.0,
+        beta=1.0,
+        reference=1.0,
+        alpha=alpha,
+        kappa_low=0.5,
         kappa_high=1.5,
     )
     penalty = alpha * (weights * corridor_penalty(entropy, 1.0, 0.5, 1.5)).sum()
@@ -126,8 +133,16 @@ def test_smoothing_none_has_exactly_zero_corridor_gradient():
     mask = torch.ones(1, 3)
     weights = trajectory_weights(mask)
     terms = epo_regularizer(
-        entropy, weights, mask, entropy_coef=0.5, beta=2.0, reference=1.0, alpha=0.3, kappa_low=0.5,
-        kappa_high=1.5, smoothing="none",
+        entropy,
+        weights,
+        mask,
+        entropy_coef=0.5,
+        beta=2.0,
+        reference=1.0,
+        alpha=0.3,
+        kappa_low=0.5,
+        kappa_high=1.5,
+        smoothing="none",
     )
     (grad,) = torch.autograd.grad(terms.regularizer, entropy)
     assert torch.equal(grad, -0.5 * weights)  # the bonus alone, bit for bit

@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import base_config_kwargs, count_a_reward
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.objective import corridor_penalty, trajectory_weights
-
-from conftest import base_config_kwargs, count_a_reward
 
 
 def make_trainer(cls, config_cls, model, tokenizer, dataset, tmp_path, peft_config=None, **overrides):
@@ -104,8 +103,17 @@ def test_epo_loss_is_grpo_loss_plus_regularizer(make_model, tokenizer, single_tu
     common = dict(gradient_accumulation_steps=ga, temperature=0.8)
     grpo = make_trainer(GRPOTrainer, GRPOConfig, make_model(), tokenizer, single_turn_dataset, tmp_path, **common)
     epo = make_trainer(
-        EPOTrainer, EPOConfig, make_model(), tokenizer, single_turn_dataset, tmp_path,
-        epo_entropy_coef=lam, epo_smoothing_alpha=alpha, epo_kappa_low=0.999, epo_kappa_high=1.0005, **common,
+        EPOTrainer,
+        EPOConfig,
+        make_model(),
+        tokenizer,
+        single_turn_dataset,
+        tmp_path,
+        epo_entropy_coef=lam,
+        epo_smoothing_alpha=alpha,
+        epo_kappa_low=0.999,
+        epo_kappa_high=1.0005,
+        **common,
     )
     inputs = loss_inputs(len(tokenizer), multi_turn=True)
     mask = inputs["completion_mask"] * inputs["tool_mask"]
@@ -156,10 +164,19 @@ def _entropy_gradient_parity(trainer, inputs, temperature, param_filter):
 @pytest.mark.parametrize("multi_turn", [False, True])
 def test_entropy_gradient_matches_naive_softmax(make_model, tokenizer, single_turn_dataset, tmp_path, multi_turn):
     trainer = make_trainer(
-        EPOTrainer, EPOConfig, make_model(initializer_range=0.5), tokenizer, single_turn_dataset, tmp_path,
-        epo_entropy_coef=1.0, epo_smoothing="none", temperature=0.7,
+        EPOTrainer,
+        EPOConfig,
+        make_model(initializer_range=0.5),
+        tokenizer,
+        single_turn_dataset,
+        tmp_path,
+        epo_entropy_coef=1.0,
+        epo_smoothing="none",
+        temperature=0.7,
     )
-    checked = _entropy_gradient_parity(trainer, loss_inputs(len(tokenizer), multi_turn=multi_turn), 0.7, lambda n: True)
+    checked = _entropy_gradient_parity(
+        trainer, loss_inputs(len(tokenizer), multi_turn=multi_turn), 0.7, lambda n: True
+    )
     assert checked >= 10
 
 
@@ -168,10 +185,20 @@ def test_entropy_gradient_matches_naive_softmax_with_peft_lora(make_model, token
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     trainer = make_trainer(
-        EPOTrainer, EPOConfig, make_model(initializer_range=0.5), tokenizer, single_turn_dataset, tmp_path,
-        peft_config=lora, epo_entropy_coef=1.0, epo_smoothing="none", temperature=0.7,
+        EPOTrainer,
+        EPOConfig,
+        make_model(initializer_range=0.5),
+        tokenizer,
+        single_turn_dataset,
+        tmp_path,
+        peft_config=lora,
+        epo_entropy_coef=1.0,
+        epo_smoothing="none",
+        temperature=0.7,
     )
-    checked = _entropy_gradient_parity(trainer, loss_inputs(len(tokenizer), multi_turn=True), 0.7, lambda n: "lora_" in n)
+    checked = _entropy_gradient_parity(
+        trainer, loss_inputs(len(tokenizer), multi_turn=True), 0.7, lambda n: "lora_" in n
+    )
     assert checked == 2 * 2 * 2  # (A, B) x (q, v) x 2 layers
 
 
@@ -196,9 +223,18 @@ def test_corridor_gradient_through_the_trainer(make_model, tokenizer, single_tur
     """dLoss/dH per unit of aggregation weight = lambda * (-1 + beta * alpha * {-1, 0, +1}) / GA."""
     lam, alpha, ga = 0.5, 0.2, 2
     trainer = make_trainer(
-        EPOTrainer, EPOConfig, make_model(initializer_range=0.5), tokenizer, single_turn_dataset, tmp_path,
-        epo_entropy_coef=lam, epo_smoothing_alpha=alpha, epo_smoothing=smoothing, epo_kappa_low=0.75,
-        epo_kappa_high=1.25, gradient_accumulation_steps=ga,
+        EPOTrainer,
+        EPOConfig,
+        make_model(initializer_range=0.5),
+        tokenizer,
+        single_turn_dataset,
+        tmp_path,
+        epo_entropy_coef=lam,
+        epo_smoothing_alpha=alpha,
+        epo_smoothing=smoothing,
+        epo_kappa_low=0.75,
+        epo_kappa_high=1.25,
+        gradient_accumulation_steps=ga,
     )
     from trl_epo.objective import StepEntropy
 
@@ -233,8 +269,14 @@ def test_corridor_gradient_matches_finite_differences_on_parameters(
     central finite differences (float64 model)."""
     alpha = 0.3
     trainer = make_trainer(
-        EPOTrainer, EPOConfig, make_model(initializer_range=0.5).double(), tokenizer, single_turn_dataset, tmp_path,
-        epo_entropy_coef=1.0, epo_smoothing_alpha=alpha,
+        EPOTrainer,
+        EPOConfig,
+        make_model(initializer_range=0.5).double(),
+        tokenizer,
+        single_turn_dataset,
+        tmp_path,
+        epo_entropy_coef=1.0,
+        epo_smoothing_alpha=alpha,
     )
     model = trainer.model
     inputs = loss_inputs(len(tokenizer), multi_turn=True)

@@ -4,11 +4,10 @@ import json
 import os
 
 import pytest
+from conftest import base_config_kwargs, count_a_reward
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.run_files import EPO_STATE_NAME
-
-from conftest import base_config_kwargs, count_a_reward
 
 
 def train(make_model, tokenizer, dataset, output_dir, resume=None, **overrides):
@@ -26,8 +25,14 @@ def step_logs(trainer):
 
 def test_three_steps_with_gradient_accumulation_log_epo_metrics(make_model, tokenizer, single_turn_dataset, tmp_path):
     trainer = train(
-        make_model, tokenizer, single_turn_dataset, tmp_path, max_steps=3, gradient_accumulation_steps=2,
-        per_device_train_batch_size=2, num_generations=4,
+        make_model,
+        tokenizer,
+        single_turn_dataset,
+        tmp_path,
+        max_steps=3,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        num_generations=4,
     )
     logs = step_logs(trainer)
     assert len(logs) == 3
@@ -99,6 +104,9 @@ def test_a_grpo_config_is_refused_with_advice(make_model, tokenizer, single_turn
 
     with pytest.raises(TypeError, match="EPOConfig"):
         EPOTrainer(
-            make_model(), reward_funcs=count_a_reward, args=GRPOConfig(**base_config_kwargs(tmp_path)),
-            train_dataset=single_turn_dataset, processing_class=tokenizer,
+            make_model(),
+            reward_funcs=count_a_reward,
+            args=GRPOConfig(**base_config_kwargs(tmp_path)),
+            train_dataset=single_turn_dataset,
+            processing_class=tokenizer,
         )

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .base import StepResult, TextEnv
 from .worker import WorkerProcess
 
+
 if TYPE_CHECKING:  # annotations only: this module stays standard library at run time
     from typing_extensions import Self
 

@@ -192,8 +192,13 @@ def make_tasks(split: str = "train", num_tasks: int = 16, seed: int = 0) -> list
     seed_base = {"train": 0, "iid": 100_000, "ood": 200_000}[split]
     rng = random.Random(f"toy/{split}/{seed}")
     return [
-        TaskSpec(env="toy", task=TASKS[i % 2], variation=rng.randrange(6), seed=seed_base + rng.randrange(100_000),
-                 split=split)
+        TaskSpec(
+            env="toy",
+            task=TASKS[i % 2],
+            variation=rng.randrange(6),
+            seed=seed_base + rng.randrange(100_000),
+            split=split,
+        )
         for i in range(num_tasks)
     ]
 

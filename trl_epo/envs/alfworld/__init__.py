@@ -27,6 +27,7 @@ from .expert import expert_episode, expert_sft_dataset
 from .pddl import GAME_FILE, TASK_TYPE_ALIASES, TASK_TYPES, TRAJ_FILE, GameFile, canonical_task_type, read_game
 from .planner import ExpertError, SceneFacts, expert_plan
 
+
 __all__ = [
     "DATA_DIR",
     "DEFAULT_MAX_TURNS",

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from ..base import TaskSpec, task_rows
 from .pddl import GAME_FILE, TASK_TYPES, TRAJ_FILE, canonical_task_type
 
+
 ENV_NAME = "alfworld"  # the `env` column of the task rows (the registry entry's name)
 DATA_DIR = "json_2.1.1"
 # Split names -> directories of the official layout. train / IID / OOD as in the paper; valid_train (a subset of the

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from .pddl import TEXT_LOCK, TRANSLATE_LOCK, CompiledGame, installed_domain_and_grammar, read_game
 
+
 NOTHING_HAPPENS = "Nothing happens."  # the engine's answer to a command it does not accept
 WELCOME_BANNER = "-= Welcome to TextWorld, ALFRED! =-"
 

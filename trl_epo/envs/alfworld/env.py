@@ -31,6 +31,7 @@ from .engine import NOTHING_HAPPENS, WELCOME_BANNER, new_engine
 from .pddl import GAME_FILE, TRAJ_FILE, CompiledGameCache
 from .planner import ExpertError, SceneFacts, expert_plan
 
+
 DEFAULT_MAX_TURNS = 50
 
 

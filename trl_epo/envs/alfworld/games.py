@@ -42,6 +42,7 @@ from .scenes import (
     usable_scenes,
 )
 
+
 GENERATOR_VERSION = 1
 MAX_TURNS = 50
 MAX_ATTEMPTS = 50

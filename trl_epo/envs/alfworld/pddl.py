@@ -20,6 +20,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+
 GAME_FILE = "game.tw-pddl"
 TRAJ_FILE = "traj_data.json"
 

@@ -17,6 +17,7 @@ from functools import cache
 
 from .pddl import canonical_task_type
 
+
 UNSEEN_SCENES = (10, 219, 308, 424)  # ALFWorld's valid_unseen floor plans: never in generated train/valid_seen games
 SPLITS = ("train", "valid_seen", "valid_unseen")  # the splits games are generated for
 # Receptacle types a desk lamp can stand on (it must be *in* a receptacle for "use" to be admissible).

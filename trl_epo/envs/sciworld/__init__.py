@@ -47,6 +47,7 @@ from .tasks import (
     variation_table,
 )
 
+
 __all__ = [
     "ALL_TASKS",
     "DEFAULT_JAVA_OPTIONS",

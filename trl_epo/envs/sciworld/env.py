@@ -31,6 +31,7 @@ from ..registry import find_env
 from .jvm import DEFAULT_JAVA_OPTIONS, JVM_EXIT_GRACE_SECONDS, JVMDiedError, ScienceWorldJVM, find_java
 from .tasks import ALL_TASKS, DEFAULT_SIMPLIFICATION, ENV_NAME
 
+
 SUCCESS_RULES = ("score", "paper")
 TEMPLATE_PLACEMENTS = ("task", "every_step", "never")
 REWARD_MODES = ("success", "score_delta")

@@ -16,6 +16,7 @@ from ..registry import get_env
 from .env import ScienceWorldEnv
 from .tasks import DEFAULT_SIMPLIFICATION, ENV_NAME, make_tasks
 
+
 SFT_FORMATS = ("prompt_completion", "messages")
 
 

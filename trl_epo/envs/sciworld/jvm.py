@@ -17,6 +17,7 @@ from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
 from scienceworld.constants import BASEPATH as SCIENCEWORLD_DIR
 from scienceworld.constants import JAR_PATH
 
+
 DEFAULT_JAVA_OPTIONS = ("-Xmx512m", "-XX:+UseSerialGC", "-XX:ActiveProcessorCount=1")
 # How long a simulator call that failed on the connection waits for the JVM to exit before it says "the JVM died".
 # A killed JVM closes its sockets before the kernel lets its parent reap it (all of its threads must exit first), so

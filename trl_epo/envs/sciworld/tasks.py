@@ -19,6 +19,7 @@ from scienceworld.version import __version__ as SCIENCEWORLD_VERSION
 from ..base import TaskSpec, task_rows
 from .jvm import ScienceWorldJVM
 
+
 ENV_NAME = "sciworld"  # the `env` column of the task rows (the registry entry's name)
 DEFAULT_SIMPLIFICATION = "easy"
 
