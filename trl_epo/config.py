@@ -8,6 +8,7 @@ from trl import GRPOConfig
 
 from .objective import AGGREGATIONS, PHASE_SCHEDULES, REFERENCE_MODES, SMOOTHING_MODES
 from .rollout.config import ENV_ERROR_MODES, POOL_BACKENDS, REWARD_MODES, RolloutConfig, check_setting
+from .rows import ADVANTAGE_BASELINES, LAYOUTS, resolve_layout
 
 
 @dataclass
@@ -72,9 +73,9 @@ class EPOConfig(GRPOConfig):
             code).
         env_invalid_action_penalty (`float`, *optional*, defaults to `0.0`):
             Subtracted from the episode reward per invalid (unparsable) turn (the paper's code: 0.1).
-        env_error_reward (`str`, *optional*, defaults to `"zero"`):
-            An episode whose env raised, hung or died: `"zero"` (reward 0) or `"exclude"` (no reward: advantage 0 and
-            left out of its group's baseline).
+        env_error_reward (`str`, *optional*, defaults to `"exclude"`):
+            An episode whose env raised, hung or died: `"exclude"` (no reward: advantage 0 and left out of its group's
+            baseline, so an infrastructure failure never counts as a real 0) or `"zero"` (reward 0).
         env_action_tag (`str`, *optional*, defaults to `"action"`):
             The agent answers inside `<tag>...</tag>`; an answer without it is an invalid turn.
         env_instruction (`str` or `None`, *optional*, defaults to `None`):
@@ -97,6 +98,27 @@ class EPOConfig(GRPOConfig):
             With HF generate and full contexts, continue each turn from the previous turn's KV cache instead of
             re-encoding the conversation (sampling is unchanged; skipped where it could not be exact). The kept cache
             may grow to 2x a fresh encoding's before it is rebuilt: turn it off if generation memory is tight.
+        env_sample_layout (`str` or `None`, *optional*, defaults to `None`):
+            Training rows of windowed episodes: `"step"` (one row per turn: prompt = the ids the model saw that turn,
+            completion = its answer; the default with `env_history_turns`) or `"packed"` (one row per episode, the
+            turns' blocks packed in it). Full-context episodes are one row each (`"episode"`).
+        env_updates_per_rollout (`int` or `None`, *optional*, defaults to `None`):
+            K: optimizer steps that consume one rollout's rows, every row exactly once (sets TRL's
+            `steps_per_generation` to K x `gradient_accumulation_steps`; None: TRL's `steps_per_generation`, by default
+            1 step). The reference code takes one step per mini-batch of 128 turn rows (64 for PPO): K ~ rows / 128.
+        env_advantage_baseline (`str`, *optional*, defaults to `"episode"`):
+            `"episode"`: GRPO's baseline over the G episodes of a group (the paper's formula). `"rows"`: the baseline
+            over all turn rows of the group, each episode weighted by its number of rows (the paper's code, verl-agent).
+            Either way every row of an episode carries its episode's advantage.
+        env_forward_token_budget (`int` or `None`, *optional*, defaults to `16384`):
+            Tokens (padding included) per forward/backward pass: a micro-batch's rows are cut into chunks of at most
+            this many tokens, so memory is set by the longest turn, not by the batch. A longer row gets its own pass.
+        env_lr_per_rollout (`bool`, *optional*, defaults to `False`):
+            Step the learning-rate schedule once per rollout instead of once per optimizer step (the reference code's
+            behaviour with K > 1): the schedule runs over `max_steps / K` rollouts, warm-up included.
+        env_packed_mask_limit_gb (`float`, *optional*, defaults to `2.0`):
+            The packed layout without flash attention builds a dense B x L x L attention mask; a forward whose mask
+            would exceed this many GiB is refused with an error that says how to avoid it.
         env_eval_temperature (`float`, *optional*, defaults to `0.4`):
             Sampling temperature of the periodic evaluation on `eval_dataset` (the paper validates at 0.4).
         env_eval_seeds (`list[int]`, *optional*, defaults to `[0]`):
@@ -144,7 +166,7 @@ class EPOConfig(GRPOConfig):
         default=0.0, metadata={"help": "Subtracted from the episode reward per invalid turn (paper's code: 0.1)."}
     )
     env_error_reward: str = field(
-        default="zero",
+        default="exclude",
         metadata={"help": "Reward of an episode whose env failed.", "choices": list(ENV_ERROR_MODES)},
     )
     env_action_tag: str = field(default="action", metadata={"help": "The agent answers inside <tag>...</tag>."})
@@ -170,6 +192,29 @@ class EPOConfig(GRPOConfig):
     env_reuse_kv_cache: bool = field(
         default=True, metadata={"help": "Continue each turn from the last turn's KV cache (HF generate)."}
     )
+    env_sample_layout: str | None = field(
+        default=None,
+        metadata={"help": "Rows of windowed episodes: 'step' (one per turn) or 'packed'.", "choices": list(LAYOUTS)},
+    )
+    env_updates_per_rollout: int | None = field(
+        default=None, metadata={"help": "K optimizer steps per rollout, every row once (None: steps_per_generation)."}
+    )
+    env_advantage_baseline: str = field(
+        default="episode",
+        metadata={"help": "'episode' (GRPO groups) or 'rows' (verl-agent).", "choices": list(ADVANTAGE_BASELINES)},
+    )
+    env_forward_token_budget: int | None = field(
+        default=16384, metadata={"help": "Tokens per forward/backward pass (rows are cut into chunks under it)."}
+    )
+    env_lr_per_rollout: bool = field(
+        default=False,
+        metadata={
+            "help": "Step the LR schedule once per rollout (the reference code) instead of once per optimizer step."
+        },
+    )
+    env_packed_mask_limit_gb: float = field(
+        default=2.0, metadata={"help": "Refuse packed forwards whose dense attention mask exceeds this (GiB)."}
+    )
     env_eval_temperature: float = field(
         default=0.4, metadata={"help": "Sampling temperature of the periodic evaluation (paper: 0.4)."}
     )
@@ -178,13 +223,55 @@ class EPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        k = self.env_updates_per_rollout
+        if k is not None:
+            check_setting(isinstance(k, int) and k >= 1, "env_updates_per_rollout", k, "it must be an integer >= 1")
+            if self.generation_batch_size is None and self.steps_per_generation is None:
+                self.steps_per_generation = k * self.gradient_accumulation_steps
         super().__post_init__()
+        if k is not None and self.steps_per_generation != k * self.gradient_accumulation_steps:
+            raise ValueError(
+                f"`env_updates_per_rollout` = {k} needs steps_per_generation = K x gradient_accumulation_steps = "
+                f"{k * self.gradient_accumulation_steps}, but it is {self.steps_per_generation}: episodes per rollout "
+                "= per_device_train_batch_size x processes x K x gradient_accumulation_steps. Set "
+                "per_device_train_batch_size accordingly and leave generation_batch_size / steps_per_generation unset."
+            )
+        check_setting(
+            self.steps_per_generation % self.gradient_accumulation_steps == 0,
+            "steps_per_generation",
+            self.steps_per_generation,
+            f"it must be a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})",
+        )
         self._validate_epo()
         RolloutConfig.from_args(self)  # validates the env_* settings (one place, one message style)
         check_setting(
             self.env_eval_temperature >= 0, "env_eval_temperature", self.env_eval_temperature, "it must be >= 0"
         )
         check_setting(bool(self.env_eval_seeds), "env_eval_seeds", self.env_eval_seeds, "give at least one seed")
+        resolve_layout(self.env_sample_layout, self.env_history_turns is not None)
+        check_setting(
+            self.env_advantage_baseline in ADVANTAGE_BASELINES,
+            "env_advantage_baseline",
+            self.env_advantage_baseline,
+            f"use {ADVANTAGE_BASELINES}",
+        )
+        check_setting(
+            self.env_forward_token_budget is None or self.env_forward_token_budget >= 1,
+            "env_forward_token_budget",
+            self.env_forward_token_budget,
+            "it must be >= 1 or None",
+        )
+        check_setting(
+            self.env_packed_mask_limit_gb > 0,
+            "env_packed_mask_limit_gb",
+            self.env_packed_mask_limit_gb,
+            "it must be > 0",
+        )
+
+    @property
+    def env_updates(self) -> int:
+        """K: optimizer steps per rollout (steps_per_generation / gradient_accumulation_steps)."""
+        return self.steps_per_generation // self.gradient_accumulation_steps
 
     def _validate_epo(self) -> None:
         check_setting(

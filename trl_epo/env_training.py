@@ -24,7 +24,6 @@ class EnvTrainingMixin:
     """Rollouts and evaluation with an environment (`env_rollout`, a `MultiTurnRollout`, or None)."""
 
     env_rollout: MultiTurnRollout | None = None
-    _rollout_rows: list[dict[str, Any]] | None = None  # the task rows a rollout is generating for (set by the trainer)
     _rollout_env: str | None = None  # the env the rollout config was resolved for
     _packed_block_marker: list[int] | None = None
     _rollouts_played = 0
@@ -62,17 +61,14 @@ class EnvTrainingMixin:
             self._rollout_env = tasks[0].env
         return self.env_rollout.config
 
-    def _play_env_rollout(self, prompts: list, trainer=None) -> dict[str, list]:
-        """TRL's `rollout_func`: play the batch's tasks, log the rollout, return TRL's dict."""
-        rows = self._rollout_rows
-        if rows is None or len(rows) != len(prompts):
-            raise RuntimeError("The env rollout runs inside EPOTrainer._generate_and_score_completions only.")
+    def _play_rollout_batch(self, rows: list[dict[str, Any]]) -> RolloutBatch:
+        """Play one episode per task row (the generation batch TRL's sampler hands this process: the G members of a
+        group are consecutive), log the rollout, return it."""
         tasks = [TaskSpec.from_row(row) for row in rows]
         config = self._rollout_config(tasks)
         batch = self.env_rollout.play(tasks, TrainerGenerator(self.rollout_policy(), config), self.processing_class)
-        self._packed_block_marker = batch.block_marker
         self._log_rollout(batch)
-        return batch.trl_output()
+        return batch
 
     def _log_rollout(self, batch: RolloutBatch) -> None:
         mode = "train" if self.model.training else "eval"

@@ -3,11 +3,57 @@
 Positions restart at every block marker (the ids every windowed prompt starts with) and, with position ids and no 2D
 attention mask, transformers keeps the packed blocks apart (each block attends only to itself), so every answer is
 scored on exactly the context it was generated from.
+
+Two kernels break that, and are guarded here. Flash-attention kernels split a packed row by its position ids only when
+the batch has ONE row (transformers' `_is_packed_sequence`): with more rows every block would attend to the earlier
+blocks and the padding, so packed rows go through them one per forward. Without flash attention, transformers builds a
+dense B x 1 x L x L mask for position-id-packed rows: above a stated size the forward is refused with the fix.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+MASK_BYTES = {"sdpa": 1, "eager": 4}  # the mask's element size: sdpa's is boolean, eager's an additive float mask
+
+
+def attention_kernel(model) -> str:
+    """The attention implementation the model's forward dispatches on (e.g. 'sdpa', 'flash_attention_2')."""
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "module"):
+        config = getattr(model.module, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def packed_rows_one_per_forward(model) -> bool:
+    """Flash-attention-family kernels keep packed blocks apart only for a batch of one row."""
+    return "flash" in attention_kernel(model)
+
+
+def check_packed_forward(model, inputs: dict, limit_gb: float) -> None:
+    """Refuse a packed forward the kernel would get wrong (flash attention with > 1 row) or whose dense attention
+    mask would exceed `limit_gb` GiB."""
+    batch = inputs["prompt_ids"].size(0)
+    length = inputs["prompt_ids"].size(1) + inputs["completion_ids"].size(1)
+    kernel = attention_kernel(model)
+    if packed_rows_one_per_forward(model):
+        if batch > 1:
+            raise ValueError(
+                f"{batch} packed rows in one {kernel} forward: flash attention keeps packed blocks apart only for a "
+                "single row, so every block would attend to the earlier ones. Packed rows must go one per forward "
+                "(EPOTrainer does this itself; this guards other callers)."
+            )
+        return
+    gib = batch * length * length * MASK_BYTES.get(kernel, 4) / 2**30
+    if gib > limit_gb:
+        raise ValueError(
+            f"A packed forward of {batch} row(s) x {length} tokens under {kernel!r} attention needs a dense "
+            f"{batch} x {length} x {length} attention mask of {gib:.1f} GiB (limit env_packed_mask_limit_gb="
+            f"{limit_gb}) and {length}^2 attention work per row. Train windowed episodes one row per turn "
+            "(env_sample_layout='step', the default), lower env_forward_token_budget, or use a flash-attention kernel "
+            "(attn_implementation='flash_attention_2', packed rows then go one per forward)."
+        )
 
 
 def block_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker: list[int]) -> torch.Tensor:

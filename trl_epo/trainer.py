@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from .packing import packed_logps_and_entropies
 from .results import EvalResult, load_eval_results
 from .rollout import RolloutConfig
 from .rollout import env_reward as env_reward_func
+from .row_training import RowTrainingMixin
 from .run_files import EPO_RUN_NAME, EPO_STATE_NAME, write_json_atomic
 
 
@@ -30,7 +30,7 @@ TURN_IDS_KEY = "turn_ids"
 padded with -1 and passed to the loss as ``inputs["turn_ids"]``. Without it every completion is one turn."""
 
 
-class EPOTrainer(EnvTrainingMixin, GRPOTrainer):
+class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
     """GRPO with Entropy-regularized Policy Optimization (Xu et al., 2025, arXiv 2509.22576).
 
     The loss is TRL's GRPO loss for the configured `loss_type`, unchanged, plus ``-lambda * L_H + lambda * beta_k *
@@ -46,14 +46,23 @@ class EPOTrainer(EnvTrainingMixin, GRPOTrainer):
     outcome unless `reward_funcs` is given. `eval_dataset` (a task dataset, or a dict split -> dataset) is played at
     `env_eval_temperature` every `eval_steps` (`eval_strategy="steps"`), logged as `eval/<split>/success_rate`.
 
+    With an environment, a rollout's episodes become training rows (`env_sample_layout`: one row per turn, packed, or
+    one per full-context episode; `trl_epo.rows`), with each episode's advantage on all its rows, consumed in
+    `env_updates_per_rollout` optimizer steps, every row once, in forward chunks under `env_forward_token_budget`
+    (`trl_epo.row_training`). The environment side lives in `trl_epo.env_training`.
+
     TRL hooks overridden, and why:
-        `_generate_and_score_completions`: exposes the batch's task rows to the rollout (the one inbound channel TRL's
-            `rollout_func(prompts, trainer)` signature forces) and carries the per-token turn ids into the loss.
+        `_prepare_inputs` / `training_step` (env rows): a rollout's rows, scheduled into its optimizer steps, trained
+            in token-budgeted chunks with the step's global normalisers (TRL's batch is one padded row per prompt).
+        `_generate_and_score_completions`: carries the per-token turn ids a custom `rollout_func` returns into the
+            loss.
         `_get_per_token_logps_and_entropies`: scores packed windowed rows block by block, and keeps the loss
             forward's entropies (with their graph) for the EPO terms.
         `_compute_loss`: adds the EPO terms to TRL's loss and accumulates the step's entropy statistics.
         `evaluate`: plays the eval task splits with the policy (environment success, not a loss).
-        `_save_checkpoint` / `_load_optimizer_and_scheduler`: save and restore the entropy reference.
+        `create_scheduler`: optionally steps the LR schedule once per rollout (`env_lr_per_rollout`).
+        `_save_checkpoint` / `_load_optimizer_and_scheduler`: save and restore the entropy reference, and the rest of
+            a rollout when a checkpoint falls inside its K updates.
         `create_accelerator_and_postprocess`: fails fast on process groups that would train each process alone.
         `create_model_card`: adds the "EPO training" section (settings, reference, evaluation table).
         `train` / `end`: close the env workers and write `epo_run.json`; release the distributed model first.
@@ -85,8 +94,8 @@ class EPOTrainer(EnvTrainingMixin, GRPOTrainer):
         **kwargs,
     ):
         self.env_rollout = env_rollout_of(env_factory, rollout_config, kwargs.get("rollout_func"))
-        if self.env_rollout is not None:
-            kwargs["rollout_func"] = self._play_env_rollout
+        if self.env_rollout is not None:  # the env rollout is played by the row training, not TRL's generation
+            kwargs.pop("rollout_func", None)
             reward_funcs = reward_funcs if reward_funcs is not None else [env_reward_func]
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -96,23 +105,17 @@ class EPOTrainer(EnvTrainingMixin, GRPOTrainer):
                 f"EPOTrainer needs an EPOConfig, got {type(args).__name__}. Build one with the same arguments: "
                 "`EPOConfig(**your_grpo_config.to_dict())` plus the `epo_*` settings."
             )
-        with warnings.catch_warnings():
-            if self.env_rollout is not None:  # our own use of TRL's (experimental) rollout_func hook
-                warnings.filterwarnings("ignore", message=".*rollout_func.*experimental.*")
-            super().__init__(model, reward_funcs, args, *pos, **kwargs)
+        super().__init__(model, reward_funcs, args, *pos, **kwargs)
         self.epo_reference = EntropyReference(
             args.epo_reference, ema_decay=args.epo_reference_ema_decay, window=args.epo_reference_window
         )
         self._entropy_window = EntropyWindow()
         self._epo_capture, self._epo_entropies = False, None
+        self._epo_step_sums: torch.Tensor | None = None  # env rows: the step's EPO terms, summed over chunks
 
     # ---- TRL hooks: data
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        self._rollout_rows = inputs  # a rollout_func receives only the prompts; the env rollout reads the rows here
-        try:
-            output = super()._generate_and_score_completions(inputs)
-        finally:
-            self._rollout_rows = None
+        output = super()._generate_and_score_completions(inputs)
         # TRL merges a rollout_func's extra fields into the input rows (for reward functions); pick up the turn ids.
         if inputs and TURN_IDS_KEY in inputs[0]:
             width = output["completion_ids"].size(1)
@@ -180,7 +183,12 @@ class EPOTrainer(EnvTrainingMixin, GRPOTrainer):
         turn_ids = inputs.get(TURN_IDS_KEY)
         if turn_ids is None:
             turn_ids = torch.zeros_like(mask, dtype=torch.long)
-        weights = aggregation_weights(args.epo_entropy_aggregation, mask, turn_ids)
+        row_scale = inputs.get("row_loss_scale")  # env rows: the chunk's share of its optimizer step
+        if row_scale is not None:
+            loss = loss * row_scale
+            weights = inputs["epo_weights"].to(entropies.dtype) * mask  # the step's global Eq. 2 weights
+        else:
+            weights = aggregation_weights(args.epo_entropy_aggregation, mask, turn_ids)
         total_steps = max(1, self.state.max_steps)
         step = min(self.state.global_step, total_steps)
         beta = phase_weight(step, total_steps, args.epo_phase_gamma, args.epo_phase_schedule)
@@ -197,13 +205,23 @@ class EPOTrainer(EnvTrainingMixin, GRPOTrainer):
             kappa_high=args.epo_kappa_high,
             smoothing=args.epo_smoothing,
         )
-        if args.epo_enabled:
+        if args.epo_enabled and row_scale is not None:
+            # Global weights: summed over chunks and processes they give L_H; data parallelism averages gradients.
+            loss = loss + terms.regularizer * self.accelerator.num_processes
+        elif args.epo_enabled:
             # Same gradient-accumulation scaling as TRL's loss and entropy bonus (loss_is_scaled_for_ga).
             loss = loss + terms.regularizer / (self.current_gradient_accumulation_steps if mode == "train" else 1.0)
-        self._log_epo_terms(mode, terms, beta, reference, mask)
+        if row_scale is None:
+            self._log_epo_terms(mode, terms, beta, reference, mask)
+        else:  # partial sums of the step: logged once the step is complete
+            outside = (terms.out_of_corridor_frac * mask.sum()).detach().float()
+            sums = torch.stack([terms.entropy.float(), terms.smooth_penalty.float(), outside, mask.sum().float()])
+            self._epo_step_sums = sums if self._epo_step_sums is None else self._epo_step_sums + sums
         if mode == "train":
             self._entropy_window.add(entropies, mask, turn_ids)
             if self.accelerator.sync_gradients:
+                if row_scale is not None:
+                    self._log_epo_step_sums(beta, reference is not None)
                 self._end_of_optimizer_step()
         return loss
 
@@ -218,6 +236,18 @@ class EPOTrainer(EnvTrainingMixin, GRPOTrainer):
             counts = self.accelerator.reduce(torch.stack([outside, mask.sum().float()]), reduction="sum")
             self._metrics[mode]["epo/out_of_corridor_frac"].append((counts[0] / counts[1].clamp(min=1)).item())
             self._metrics[mode]["epo/reference"].append(float(self.epo_reference.value()))
+
+    def _log_epo_step_sums(self, beta: float, has_reference: bool) -> None:
+        """Env rows: L_H and L_smooth of the whole optimizer step (sums of the chunks' shares, all processes)."""
+        sums, self._epo_step_sums = self._epo_step_sums, None
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        metrics = self._metrics["train"]
+        metrics["epo/entropy"].append(sums[0].item())
+        metrics["epo/smooth_penalty"].append(sums[1].item())
+        metrics["epo/beta"].append(beta)
+        if has_reference:
+            metrics["epo/out_of_corridor_frac"].append((sums[2] / sums[3].clamp(min=1)).item())
+            metrics["epo/reference"].append(float(self.epo_reference.value()))
 
     def _end_of_optimizer_step(self) -> None:
         """Append the step's entropy to the reference: once per optimizer step, identical on every process."""
@@ -267,11 +297,14 @@ class EPOTrainer(EnvTrainingMixin, GRPOTrainer):
             )
             state = {"reference": self.epo_reference.state_dict(), "global_step": self.state.global_step}
             write_json_atomic(os.path.join(folder, EPO_STATE_NAME), state)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._save_row_buffer(folder)  # every process: the rest of a rollout when the step falls inside it
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        self._load_row_buffer(checkpoint)
         path = os.path.join(checkpoint, EPO_STATE_NAME)
         if os.path.exists(path):
             with open(path) as f:

@@ -66,8 +66,7 @@ def test_vllm_backend_gets_per_turn_limits_and_its_logprobs_reach_the_batch(toke
     backend = StandInVLLM(trainer.model, tokenizer.eos_token_id)
     trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, backend, -1
     rows = [dict(r) for r in make_dataset("train", 1)] * 2
-    trainer._rollout_rows = rows
-    output = trainer.rollout_func([r["prompt"] for r in rows], trainer)
+    output = trainer._play_rollout_batch(rows).trl_output()
 
     assert backend.syncs == 1  # weights synced once for the whole multi-turn rollout
     assert len(backend.calls) == 3 and all(limit == 7 for _, limit in backend.calls)  # one call per turn

@@ -143,4 +143,6 @@ def test_epo_trainer_trains_with_windowed_contexts(tokenizer, make_model, tmp_pa
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
     assert "epo/entropy_turn/2" in logs[-1]
-    assert trainer._packed_block_marker == trainer.env_rollout.last_batch.block_marker is not None
+    # Windowed episodes train one row per turn by default (env_sample_layout="step"): no packed rows.
+    assert trainer._packed_block_marker is None
+    assert logs[-1]["rollout/rows"] == sum(e.turns for e in trainer.env_rollout.last_batch.episodes)

@@ -77,7 +77,7 @@ class RolloutConfig:
     history_turns: int | None = None
     reward: str = "success"
     invalid_action_penalty: float = 0.0
-    env_error_reward: str = "zero"
+    env_error_reward: str = "exclude"
     prompt_style: PromptStyle = field(default_factory=PromptStyle)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     pool_backend: str = "process"

@@ -1,0 +1,409 @@
+"""Played episodes -> training rows -> the optimizer steps that consume them (pure functions, no trainer).
+
+Layouts (`EPOConfig.env_sample_layout`):
+
+* ``"step"`` (default with windowed prompts): one row per turn, prompt = exactly the ids the model saw that turn,
+  completion = that turn's answer. Memory is set by the longest turn, attention work is linear in the turns.
+* ``"packed"``: one row per episode with every turn's block packed in it (positions and attention restart per
+  block, `trl_epo.packing`).
+* ``"episode"`` (full-context conversations, `env_history_turns=None`): one row per episode, the whole conversation.
+
+Advantages are computed per episode (`group_advantages`: GRPO's groups of G episodes of a task) and broadcast to the
+episode's rows. A rollout's rows are consumed in K optimizer steps (`schedule_rows`): whole episodes are assigned to
+steps (Eq. 2 aggregates per episode, so an episode's rows stay in one step), rows to the step's micro-batches, and
+each micro-batch is cut into forward chunks under a token budget. Every row is used exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+LAYOUTS = ("step", "packed", "episode")
+ADVANTAGE_BASELINES = ("episode", "rows")
+"""'episode': GRPO's baseline over the G episodes of a group (the paper's formula); 'rows': verl-agent's baseline over
+all turn rows of the group (the paper's code, `compute_mean_std_cross_all_data`): an episode weighs by its turns."""
+
+
+@dataclass
+class TrainingRow:
+    """One training sequence: `prompt_ids` then `completion_ids`, whose `env_mask` is 1 on the model's own tokens."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    env_mask: list[int]
+    turn_ids: list[int]
+    episode: int  # index of the row's episode in the rollout (this process)
+    logprobs: list[float] | None = None  # sampling logprobs (vLLM), aligned with completion_ids
+    advantage: float = 0.0
+    epo_weights: list[float] | None = None  # EPO aggregation weights per completion token (set by schedule_rows)
+    old_logps: list[float] | None = None  # the policy's logprobs before this rollout's updates (K > 1)
+    ref_logps: list[float] | None = None  # the reference model's logprobs (KL)
+    extra: dict = field(default_factory=dict)  # per-row values other modules attach (e.g. PPO's returns)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def action_tokens(self) -> int:
+        return sum(self.env_mask)
+
+
+def resolve_layout(layout: str | None, windowed: bool) -> str:
+    """The layout to use: `layout`, or the default ("step" with windowed prompts, else "episode")."""
+    if layout is None:
+        return "step" if windowed else "episode"
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown sample layout {layout!r}; supported: {list(LAYOUTS)}.")
+    if not windowed and layout != "episode":
+        raise ValueError(
+            f"env_sample_layout={layout!r} needs windowed prompts (env_history_turns=k): a full-context conversation "
+            "is one growing sequence, trained as one row per episode (env_sample_layout='episode' or None)."
+        )
+    if windowed and layout == "episode":
+        raise ValueError("Windowed prompts are trained per turn ('step') or packed per episode ('packed').")
+    return layout
+
+
+def episode_rows(
+    index: int,
+    prompt_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    env_mask: Sequence[int],
+    turn_ids: Sequence[int],
+    logprobs: Sequence[float] | None,
+    layout: str,
+) -> list[TrainingRow]:
+    """The training rows of one episode. "step" cuts the completion at every turn: turn t's row is its block's prompt
+    (the environment ids before its answer; the episode's first prompt for turn 0) and its answer."""
+    if layout != "step":
+        return [
+            TrainingRow(
+                list(prompt_ids),
+                list(completion_ids),
+                list(env_mask),
+                list(turn_ids),
+                index,
+                list(logprobs) if logprobs is not None else None,
+            )
+        ]
+    rows: list[TrainingRow] = []
+    context: list[int] = list(prompt_ids)
+    answer: list[int] = []
+    answer_lps: list[float] = []
+    turn = None
+    for position, (token, mask, t) in enumerate(zip(completion_ids, env_mask, turn_ids)):
+        if mask:
+            answer.append(token)
+            answer_lps.append(logprobs[position] if logprobs is not None else 0.0)
+            turn = t
+            continue
+        if answer:  # the answer of this turn is complete: an environment token starts the next block
+            rows.append(_step_row(context, answer, answer_lps, turn, index, logprobs is not None))
+            context, answer, answer_lps = [], [], []
+        context.append(token)
+    if answer:
+        rows.append(_step_row(context, answer, answer_lps, turn, index, logprobs is not None))
+    if not rows:  # no answer at all (the env failed at reset): one row without action tokens keeps it well-formed
+        rows.append(
+            TrainingRow(list(prompt_ids), list(completion_ids), [0] * len(completion_ids), list(turn_ids), index, None)
+        )
+    return rows
+
+
+def _step_row(context, answer, logprobs, turn, index, has_logprobs) -> TrainingRow:
+    return TrainingRow(
+        list(context),
+        list(answer),
+        [1] * len(answer),
+        [turn] * len(answer),
+        index,
+        list(logprobs) if has_logprobs else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Advantages: per episode, broadcast to its rows
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    baseline: str = "episode",
+    rows_per_episode: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Advantages of N episodes in groups of `num_generations` consecutive episodes (all processes' episodes, in
+    TRL's order). NaN rewards (excluded env failures) are left out of the baselines and get advantage 0.
+
+    * ``baseline="episode"``: TRL's GRPO, ``A = (R - mean_g) / (std_g + 1e-4)`` over the G episodes of the group
+      (`scale_rewards` "group", "batch" or "none", as TRL); unbiased std.
+    * ``baseline="rows"``: verl-agent's GRPO on turn rows (the paper's code): mean and std over all turn rows of the
+      group, i.e. each episode weighted by its number of rows, ``A = (R - mean) / (std + 1e-6)`` (unbiased std over
+      rows; `scale_rewards="none"` keeps only the mean).
+    """
+    if baseline not in ADVANTAGE_BASELINES:
+        raise ValueError(f"Unknown advantage baseline {baseline!r}; supported: {list(ADVANTAGE_BASELINES)}.")
+    rewards = rewards.float()
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not form groups of {num_generations}.")
+    grouped = rewards.view(-1, num_generations)
+    valid = ~torch.isnan(grouped)
+    if baseline == "episode":
+        weights = valid.float()
+        eps = 1e-4
+    else:
+        if rows_per_episode is None:
+            raise ValueError("The 'rows' baseline needs the number of rows of each episode.")
+        weights = rows_per_episode.float().view(-1, num_generations) * valid
+        eps = 1e-6
+    values = torch.nan_to_num(grouped, nan=0.0)
+    if scale_rewards == "batch":
+        total = weights.sum().clamp(min=1e-12)
+        mean = (weights * values).sum() / total
+        std = _weighted_std(values, weights, mean, dims=None)
+        mean, std = mean.expand_as(values), std.expand_as(values)
+    else:
+        total = weights.sum(1, keepdim=True).clamp(min=1e-12)
+        mean = ((weights * values).sum(1, keepdim=True) / total).expand_as(values)
+        std = _weighted_std(values, weights, mean, dims=1).expand_as(values)
+    advantages = values - mean
+    if scale_rewards != "none":
+        advantages = advantages / (std + eps)
+    return torch.where(valid, advantages, torch.zeros_like(advantages)).view(-1)
+
+
+def _weighted_std(values, weights, mean, dims) -> torch.Tensor:
+    """Unbiased weighted std (integer weights = repeated samples): sqrt(sum w (x - m)^2 / (sum w - 1))."""
+    keep = dims is not None
+    total = weights.sum(dims, keepdim=keep) if keep else weights.sum()
+    squares = (
+        (weights * (values - mean) ** 2).sum(dims, keepdim=keep) if keep else (weights * (values - mean) ** 2).sum()
+    )
+    return torch.sqrt(squares / (total - 1).clamp(min=1e-12)) * (total > 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The optimizer steps of a rollout
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def balanced_bins(sizes: Sequence[int], num_bins: int) -> list[int]:
+    """Assign items to `num_bins` bins so that the largest bin total is small (longest processing time first; ties
+    go to the lower bin, so the result is deterministic). Returns the bin of every item."""
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
+    totals = [0] * num_bins
+    counts = [0] * num_bins
+    assignment = [0] * len(sizes)
+    for item in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        target = min(range(num_bins), key=lambda b: (totals[b], counts[b], b))
+        assignment[item] = target
+        totals[target] += sizes[item]
+        counts[target] += 1
+    return assignment
+
+
+def token_chunks(lengths: Sequence[int], budget: int | None) -> list[list[int]]:
+    """Cut rows into forward chunks of at most `budget` tokens counted with padding (rows x the longest row): rows
+    sorted by length, so rows of similar length share a chunk. A row longer than the budget gets its own chunk. No
+    budget: one chunk."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if not order:
+        return []
+    if budget is None:
+        return [order]
+    chunks: list[list[int]] = [[]]
+    for i in order:
+        current = chunks[-1]
+        width = max([lengths[j] for j in current] + [lengths[i]])
+        if current and width * (len(current) + 1) > budget:
+            chunks.append([i])
+        else:
+            current.append(i)
+    return chunks
+
+
+@dataclass
+class StepCounts:
+    """Global (all processes) counts of one optimizer step: the normalisers of its losses."""
+
+    rows: float
+    action_tokens: float
+    trajectories: float  # episodes with at least one action token (Eq. 2's B)
+
+
+def schedule_rows(
+    rows: Sequence[TrainingRow], num_steps: int, micro_steps: int
+) -> tuple[list[list[list[TrainingRow]]], torch.Tensor]:
+    """Split a rollout's rows into `num_steps` optimizer steps of `micro_steps` micro-batches each.
+
+    Whole episodes go to steps (balanced by tokens), rows to the step's micro-batches (balanced by tokens). Returns
+    ``(steps, local_counts)``: ``steps[k][m]`` is a list of rows (possibly empty), and ``local_counts`` a
+    ``(num_steps, 3)`` tensor of this process's (rows, action tokens, trajectories) per step, to be summed over
+    processes into `StepCounts`."""
+    episodes: dict[int, list[TrainingRow]] = {}
+    for row in rows:
+        episodes.setdefault(row.episode, []).append(row)
+    keys = sorted(episodes)
+    step_of = balanced_bins([sum(r.length for r in episodes[e]) for e in keys], num_steps)
+    steps: list[list[list[TrainingRow]]] = [[[] for _ in range(micro_steps)] for _ in range(num_steps)]
+    counts = torch.zeros(num_steps, 3, dtype=torch.float64)
+    for k in range(num_steps):
+        members = [r for e, s in zip(keys, step_of) if s == k for r in episodes[e]]
+        for row, m in zip(members, balanced_bins([r.length for r in members], micro_steps)):
+            steps[k][m].append(row)
+        counts[k, 0] = len(members)
+        counts[k, 1] = sum(r.action_tokens for r in members)
+        counts[k, 2] = sum(1 for e, s in zip(keys, step_of) if s == k and any(r.action_tokens for r in episodes[e]))
+    return steps, counts
+
+
+def set_epo_weights(rows: Sequence[TrainingRow], counts: StepCounts, aggregation: str) -> None:
+    """Per-token EPO aggregation weights with the step's global normalisers: Eq. 2 (``1 / (B * T_j * |tau_jt|)``,
+    trajectories = episodes across their rows) or a token mean (``1 / N``). Over all processes' rows of the step the
+    weights sum to 1."""
+    if aggregation == "token":
+        for row in rows:
+            row.epo_weights = [m / max(1.0, counts.action_tokens) for m in row.env_mask]
+        return
+    if aggregation != "trajectory":
+        raise ValueError(f"Unknown entropy aggregation {aggregation!r}; supported: ['trajectory', 'token'].")
+    per_turn: dict[tuple[int, int], int] = {}
+    for row in rows:
+        for m, t in zip(row.env_mask, row.turn_ids):
+            if m:
+                per_turn[(row.episode, t)] = per_turn.get((row.episode, t), 0) + 1
+    turns: dict[int, int] = {}
+    for episode, _ in per_turn:
+        turns[episode] = turns.get(episode, 0) + 1
+    b = max(1.0, counts.trajectories)
+    for row in rows:
+        row.epo_weights = [
+            m / (per_turn[(row.episode, t)] * turns[row.episode] * b) if m else 0.0
+            for m, t in zip(row.env_mask, row.turn_ids)
+        ]
+
+
+def padding_fraction(chunks: Sequence[Sequence[TrainingRow]]) -> float:
+    """Padding tokens / all tokens of forward chunks (each row padded to its chunk's longest prompt and answer)."""
+    padded = real = 0
+    for chunk in chunks:
+        if not chunk:
+            continue
+        prompt = max(len(r.prompt_ids) for r in chunk)
+        answer = max(len(r.completion_ids) for r in chunk)
+        padded += len(chunk) * (prompt + answer)
+        real += sum(r.length for r in chunk)
+    return 1.0 - real / padded if padded else 0.0
+
+
+def attention_flops(rows: Sequence[TrainingRow], hidden: int, layers: int) -> float:
+    """Forward attention FLOPs (QK^T and AV: 4 * L^2 * d per layer) of rows, each attending over its whole length
+    (a packed row without a block-diagonal kernel does)."""
+    return float(sum(4 * r.length**2 * hidden * layers for r in rows))
+
+
+def dense_mask_bytes(batch: int, length: int, bytes_per_element: int) -> float:
+    """Bytes of the B x 1 x L x L attention mask transformers builds for packed rows without flash attention."""
+    return float(batch) * length * length * bytes_per_element
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A forward chunk as TRL's loss inputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def filler_row(pad_token_id: int) -> TrainingRow:
+    """A one-token row without action tokens: its loss is 0, but its forward and backward keep the processes'
+    collectives in step (ZeRO-3 gathers parameters in every forward)."""
+    return TrainingRow(
+        [pad_token_id],
+        [pad_token_id],
+        [0],
+        [0],
+        episode=-1,
+        advantage=0.0,
+        epo_weights=[0.0],
+        old_logps=[0.0],
+        ref_logps=[0.0],
+    )
+
+
+def collate(rows: Sequence[TrainingRow], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
+    """TRL's loss inputs for a chunk of rows: left-padded prompts, right-padded completions, the env mask as
+    `tool_mask`, turn ids (-1 on padding), advantages, EPO weights and, when the rows have them, old / reference /
+    sampling logprobs."""
+
+    def pad(seqs, value, left=False, dtype=torch.long):
+        width = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), width), value, dtype=dtype)
+        for i, s in enumerate(seqs):
+            if len(s):
+                values = torch.as_tensor(list(s), dtype=dtype)
+                if left:
+                    out[i, width - len(s) :] = values
+                else:
+                    out[i, : len(s)] = values
+        return out.to(device) if device is not None else out
+
+    batch = {
+        "prompt_ids": pad([r.prompt_ids for r in rows], pad_token_id, left=True),
+        "prompt_mask": pad([[1] * len(r.prompt_ids) for r in rows], 0, left=True),
+        "completion_ids": pad([r.completion_ids for r in rows], pad_token_id),
+        "completion_mask": pad([[1] * len(r.completion_ids) for r in rows], 0),
+        "tool_mask": pad([r.env_mask for r in rows], 0),
+        "turn_ids": pad([r.turn_ids for r in rows], -1),
+        "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
+    }
+    optional = {
+        "epo_weights": "epo_weights",
+        "old_per_token_logps": "old_logps",
+        "ref_per_token_logps": "ref_logps",
+        "sampling_per_token_logps": "logprobs",
+    }
+    for key, attribute in optional.items():
+        values = [getattr(r, attribute) for r in rows]
+        if all(v is not None for v in values):
+            batch[key] = pad(values, 0.0, dtype=torch.float32)
+    return batch
+
+
+def importance_ratios(
+    old_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    mask: torch.Tensor,
+    turn_ids: torch.Tensor,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float | None,
+) -> torch.Tensor:
+    """The vLLM-vs-trainer importance-sampling correction of a chunk, per token ``(B, L)``.
+
+    ``token_truncate`` / ``token_mask``: the per-token ratio ``exp(old - sampling)``, clipped to
+    [clip_min, clip_max] / zeroed outside it. ``turn_truncate`` / ``turn_mask``: one ratio per *turn* (the product of
+    the turn's token ratios), broadcast to its tokens. A multi-turn episode's whole-sequence product (TRL's
+    ``sequence_*`` modes on a packed or full-context row) multiplies thousands of ratios and masks or crushes long
+    episodes; a turn is the unit one sampling call produced. Tokens whose sampling logprob is NaN get ratio 1.
+    """
+    diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)
+    if mode.startswith("turn"):
+        slots = int(turn_ids.max().clamp(min=0).item()) + 1 if turn_ids.numel() else 1
+        index = turn_ids.clamp(min=0)
+        per_turn = torch.zeros(diff.size(0), slots, device=diff.device, dtype=diff.dtype)
+        per_turn.scatter_add_(1, index, diff)
+        diff = per_turn.gather(1, index)
+    elif not mode.startswith("token"):
+        raise ValueError(f"Unknown importance-sampling mode {mode!r}: use token_/turn_ + truncate/mask.")
+    ratio = torch.exp(diff)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=low if clip_min is not None else None, max=high if clip_max is not None else None)
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
