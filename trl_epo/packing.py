@@ -75,37 +75,26 @@ def block_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
     return index - last_start
 
 
-def packed_logps_and_entropies(
-    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss, marker, autocast
+def row_logps_and_entropies(
+    model, input_ids, attention_mask, logits_to_keep, compute_entropy, compute_aux_loss, marker, autocast
 ):
-    """TRL's chunked forward for rows that pack several windowed prompts (see `RolloutConfig.history_turns`):
-    positions restart at every block marker and, with no 2D attention mask, transformers keeps the packed
-    blocks apart (each block attends only to itself), so every answer is scored on exactly the context it was
-    generated from."""
-    batch_size = batch_size or input_ids.size(0)
-    all_logps, all_entropies, all_aux = [], [], []
-    for start in range(0, input_ids.size(0), batch_size):
-        ids = input_ids[start : start + batch_size]
-        mask = attention_mask[start : start + batch_size]
-        position_ids = block_position_ids(ids, mask, marker)
-        labels = ids.masked_fill(mask == 0, -100)
-        labels[:, :-logits_to_keep] = -100
-        extra = {"output_router_logits": True} if compute_aux_loss else {}
-        with autocast():
-            outputs = model(
-                input_ids=ids,
-                position_ids=position_ids,
-                labels=labels,
-                fused_lm_head=True,
-                use_cache=False,
-                **extra,
-            )
-        all_logps.append(outputs.log_probs[:, -logits_to_keep:])
-        if compute_entropy:
-            all_entropies.append(outputs.entropy[:, -logits_to_keep:])
-        if compute_aux_loss:
-            all_aux.append(outputs.aux_loss)
-    logps = torch.cat(all_logps, dim=0)
-    entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
-    aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
+    """The per-token logprobs (and entropies, with their graph) of training rows, through TRL's fused LM head, with
+    the positions generation used: packed rows (a block `marker`) restart them at every block and go without a 2D
+    mask (transformers keeps the blocks apart from the positions); plain rows count them from their first real token
+    (`generate` derives them from the attention mask the same way), so a left-padded row is scored exactly as it was
+    sampled, whatever the padding."""
+    if marker is not None:
+        position_ids = block_position_ids(input_ids, attention_mask, marker)
+        inputs = {"input_ids": input_ids, "position_ids": position_ids}
+    else:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :-logits_to_keep] = -100
+    extra = {"output_router_logits": True} if compute_aux_loss else {}
+    with autocast():
+        outputs = model(**inputs, labels=labels, fused_lm_head=True, use_cache=False, **extra)
+    logps = outputs.log_probs[:, -logits_to_keep:]
+    entropies = outputs.entropy[:, -logits_to_keep:] if compute_entropy else None
+    aux_loss = outputs.aux_loss if compute_aux_loss else None
     return logps, entropies, aux_loss

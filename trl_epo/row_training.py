@@ -154,7 +154,8 @@ class RowTrainingMixin:
         """TRL's loss inputs for a chunk, with the factor that turns TRL's per-micro-batch normalisation into the
         step's global one (`row_loss_scale`)."""
         inputs = collate(chunk, self.processing_class.pad_token_id, self.accelerator.device)
-        processes, accumulation = self.accelerator.num_processes, self.current_gradient_accumulation_steps
+        processes = self.accelerator.num_processes
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         real = [r for r in chunk if r.episode >= 0]
         if self.loss_type in GLOBAL_TOKEN_LOSSES:
             # TRL divides by num_items_in_batch / processes * accumulation / steps_per_generation: make it N_step / P.

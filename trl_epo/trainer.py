@@ -17,7 +17,7 @@ from .config import EPOConfig
 from .distributed import check_process_group
 from .env_training import EnvTrainingMixin, env_rollout_of
 from .objective import EntropyReference, EntropyWindow, aggregation_weights, epo_regularizer, phase_weight
-from .packing import packed_logps_and_entropies
+from .packing import row_logps_and_entropies
 from .results import EvalResult, load_eval_results
 from .rollout import RolloutConfig
 from .rollout import env_reward as env_reward_func
@@ -137,13 +137,12 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
         compute_aux_loss=False,
         **multimodal,
     ):
-        if self._packed_block_marker is not None and all(v is None for v in multimodal.values()):
-            result = packed_logps_and_entropies(
+        if self._row_mode and all(v is None for v in multimodal.values()):
+            result = row_logps_and_entropies(
                 model,
                 input_ids,
                 attention_mask,
                 logits_to_keep,
-                batch_size,
                 compute_entropy,
                 compute_aux_loss,
                 self._packed_block_marker,

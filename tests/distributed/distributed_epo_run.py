@@ -36,6 +36,8 @@ class Probe:
         self.rollouts: list[dict] = []
         self.current: dict | None = None
         self.local_steps: list[dict] = []
+        self.rows_scheduled: list[list[int]] = []  # per rollout: ids of the rows this process scheduled
+        self.rows_trained: list[int] = []  # ids of the real rows this process trained on
 
     def install(self):
         import deepspeed
@@ -104,6 +106,22 @@ class Probe:
 
         EPOTrainer._end_of_optimizer_step = recording_end_of_step
 
+        from trl_epo.row_training import RowTrainingMixin
+
+        real_score, real_chunk_inputs = RowTrainingMixin._score_rollout, RowTrainingMixin._chunk_inputs
+
+        def recording_score(self, inputs):
+            micro = real_score(self, inputs)
+            probe.rows_scheduled.append([id(row) for mb in micro for row in mb.rows])
+            return micro
+
+        def recording_chunk_inputs(self, chunk, counts):
+            probe.rows_trained.extend(id(row) for row in chunk if row.episode >= 0)
+            return real_chunk_inputs(self, chunk, counts)
+
+        RowTrainingMixin._score_rollout = recording_score
+        RowTrainingMixin._chunk_inputs = recording_chunk_inputs
+
 
 def make_uneven(trainer, training_args):
     """Process 0 gets a smaller episode token budget, so its episodes are cut after 2 turns while process 1's play 3,
@@ -142,6 +160,8 @@ def main():
         "global_step": trainer.state.global_step,
         "rollouts": probe.rollouts,
         "local_steps": probe.local_steps,
+        "rows_scheduled": [len(ids) for ids in probe.rows_scheduled],
+        "rows_trained_once": sorted(probe.rows_trained) == sorted(i for ids in probe.rows_scheduled for i in ids),
     }
     trainer.save_model(training_args.output_dir)
     if export_dir is not None:  # PEFT runs: the adapter alone and the merged model (ZeRO-3 gathers for both)
@@ -155,7 +175,7 @@ def main():
 
     # Resume a fresh trainer from the first checkpoint and finish the run again. Fresh arguments reset accelerate's
     # process state (a second Accelerator cannot take a DeepSpeed plugin), as a new launch would.
-    probe.rollouts, probe.local_steps = [], []
+    probe.rollouts, probe.local_steps, probe.rows_scheduled, probe.rows_trained = [], [], [], []
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     checkpoint = os.path.join(training_args.output_dir, "checkpoint-1")
     resumed = build_trainer(script_args, training_args, model_args)
@@ -173,6 +193,7 @@ def main():
             "losses": [h["loss"] for h in resumed.state.log_history if "loss" in h],
             "global_step": resumed.state.global_step,
             "rollouts": probe.rollouts,
+            "rows_trained": len(probe.rows_trained),
         },
         "torch_threads": torch.get_num_threads(),
     }

@@ -213,6 +213,43 @@ def test_deepspeed_two_processes_full_finetuning(tmp_path, config, zero_stage, e
 
 
 @pytest.mark.slow
+def test_k_updates_per_rollout_with_different_row_counts_per_process(tmp_path):
+    """ZeRO-3, windowed episodes trained one row per turn, 3 optimizer steps per rollout; process 0's episodes end
+    after 2 turns and process 1's after 3, so the processes hold different numbers of rows (and of forward chunks):
+    every row is trained exactly once, nothing hangs, the EPO reference is the same on both processes, and a resume
+    from the checkpoint inside the rollout finishes it on the saved rows."""
+    output_dir = tmp_path / "run"
+    flags = [
+        "--env_history_turns",
+        "1",
+        "--env_updates_per_rollout",
+        "3",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        "3",
+        "--env_forward_token_budget",
+        "256",
+        *UNEVEN,
+        "--max_completion_length",
+        "800",
+    ]
+    reports = launch("zero3.yaml", output_dir, flags)
+    r0, r1 = reports[0], reports[1]
+    for report in (r0, r1):
+        trained = report["trained"]
+        assert trained["global_step"] == 3 and len(trained["rollouts"]) == 1  # one rollout, three optimizer steps
+        assert trained["rows_trained_once"]
+        assert trained["reference"]["num_updates"] == 3
+        assert report["resumed"]["global_step"] == 3 and report["resumed"]["rollouts"] == []  # the saved rows
+    assert r0["trained"]["rows_scheduled"] != r1["trained"]["rows_scheduled"]  # different row counts per process
+    assert r0["trained"]["reference"] == r1["trained"]["reference"]
+    assert r0["resumed"]["reference"] == r1["resumed"]["reference"]
+    assert r0["resumed"]["reference"]["history"] == pytest.approx(r0["trained"]["reference"]["history"], rel=1e-5)
+    assert (output_dir / "checkpoint-1" / "epo_rollout_buffer_rank1.pt").exists()
+
+
+@pytest.mark.slow
 def test_deepspeed_zero3_lora_exports_adapter_and_merged_model(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
