@@ -337,3 +337,43 @@ def test_evaluate_two_toy_episodes(real):
     assert 0 <= low <= result["success_rate"] <= high <= 1
     assert result["success_rate"] == sum(e["won"] for e in result["episodes"]) / 2
     assert all(e["turns"] <= 2 for e in result["episodes"]) and result["generated_tokens"] > 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The benchmark script, in its smallest setting
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_bench_real_model_smallest(converted, tmp_path):
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "bench_real_model.py")
+    spec = importlib.util.spec_from_file_location("benchmark_bench_real_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    output = tmp_path / "bench.json"
+    result = bench.main(["--smallest", "--cache_dir", os.path.dirname(converted[0]), "--output", str(output)])
+    assert json.loads(output.read_text())["rollout"]["arms"] == result["rollout"]["arms"]
+
+    off, on = result["rollout"]["arms"]
+    assert (off["reuse_kv_cache"], on["reuse_kv_cache"]) == (False, True)
+    assert result["rollout"]["identical_episodes"]  # same seed, same tokens: the comparison is like for like
+    assert on["context_tokens_fed"] < off["context_tokens_fed"] and on["refeed_ratio"] < off["refeed_ratio"]
+    for arm in (off, on):
+        assert arm["prefill_s"] > 0 and arm["decode_s"] > 0 and arm["turns"] == 4 and arm["generate_calls"] == 2
+        assert 0 < arm["decode_steps"] <= 2 * (3 - 1)  # 2 generate calls of <= 3 tokens, the first from the prefill
+        assert arm["prefill_s"] + arm["decode_s"] <= arm["time_generate_s"] + 1e-6
+
+    loss = result["loss"]
+    assert loss["vocab_size"] == 49152 and set(loss["arms"]) == {"grpo", "epo"}
+    for arm in loss["arms"].values():
+        m = arm["median"]
+        assert m["total_cpu_s"] > 0 and 0 < m["backward_tile_cpu_s"] <= m["lm_head_backward_cpu_s"]
+        assert m["lm_head_forward_s"] + m["lm_head_backward_s"] <= m["total_s"] + 1e-6 and arm["peak_bytes"] > 0
+    assert loss["arms"]["grpo"]["cpu_ratio"] == 1.0
+    table = bench.report(result)
+    assert "prefill s" in table and "_backward_tile" in table
