@@ -197,19 +197,7 @@ class RowTrainingMixin:
         rows: list[TrainingRow] = []
         for i, e in enumerate(episodes):
             rows += episode_rows(i, e.prompt_ids, e.completion_ids, e.env_mask, e.turn_ids, e.logprobs, layout)
-        local_rows = torch.tensor(
-            [sum(r.episode == i for r in rows) for i in range(len(episodes))],
-            dtype=torch.float32,
-            device=accelerator.device,
-        )
-        rows_per_episode = accelerator.gather(local_rows)
-        advantages = group_advantages(
-            rewards, self.num_generations, self.scale_rewards, args.env_advantage_baseline, rows_per_episode
-        )
-        first = accelerator.process_index * len(episodes)
-        local_advantages = advantages[first : first + len(episodes)].tolist()
-        for row in rows:
-            row.advantage = local_advantages[row.episode]
+        self._assign_advantages(rows, rewards, batch)
         updates = args.steps_per_generation // args.gradient_accumulation_steps
         steps, local_counts = schedule_rows(rows, updates, args.gradient_accumulation_steps)
         counts = accelerator.reduce(local_counts.to(accelerator.device), reduction="sum").cpu()
@@ -220,8 +208,30 @@ class RowTrainingMixin:
             self._row_logps(rows, "old_logps", self.model)
         if self.beta != 0.0:
             self._row_logps(rows, "ref_logps", self.ref_model)
-        self._log_rows(rewards, advantages, rows, counts)
+        self._log_rows(rewards, rows, counts)
         return [MicroBatch(micro, step_counts[k]) for k, step in enumerate(steps) for micro in step]
+
+    def _assign_advantages(self, rows: list[TrainingRow], rewards: torch.Tensor, batch) -> None:
+        """GRPO: each episode's advantage from its group's baseline (`env_advantage_baseline`), on all its rows.
+        `rewards` holds all processes' episodes in TRL's order; `rows` are this process's. A critic-based trainer
+        overrides this (per-token advantages: a list per row)."""
+        accelerator = self.accelerator
+        local_rows = torch.tensor(
+            [sum(r.episode == i for r in rows) for i in range(len(batch.episodes))],
+            dtype=torch.float32,
+            device=accelerator.device,
+        )
+        advantages = group_advantages(
+            rewards,
+            self.num_generations,
+            self.scale_rewards,
+            self.args.env_advantage_baseline,
+            accelerator.gather(local_rows),
+        )
+        first = accelerator.process_index * len(batch.episodes)
+        local = advantages[first : first + len(batch.episodes)].tolist()
+        for row in rows:
+            row.advantage = local[row.episode]
 
     def _episode_rewards(self, inputs, batch) -> torch.Tensor:
         """Each episode's reward from the trainer's reward functions (the env reward by default), all processes'
@@ -269,7 +279,7 @@ class RowTrainingMixin:
                     if row.episode >= 0:
                         setattr(row, attribute, values[: len(row.completion_ids)])
 
-    def _log_rows(self, rewards, advantages, rows, counts) -> None:
+    def _log_rows(self, rewards, rows, counts) -> None:
         metrics = self._metrics["train"]
         per_func = self._last_rewards_per_func
         for i, name in enumerate(self.reward_func_names):

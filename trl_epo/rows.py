@@ -39,7 +39,7 @@ class TrainingRow:
     turn_ids: list[int]
     episode: int  # index of the row's episode in the rollout (this process)
     logprobs: list[float] | None = None  # sampling logprobs (vLLM), aligned with completion_ids
-    advantage: float = 0.0
+    advantage: float | list[float] = 0.0  # the episode's (GRPO), or one per completion token (a critic's GAE)
     epo_weights: list[float] | None = None  # EPO aggregation weights per completion token (set by schedule_rows)
     old_logps: list[float] | None = None  # the policy's logprobs before this rollout's updates (K > 1)
     ref_logps: list[float] | None = None  # the reference model's logprobs (KL)
@@ -360,8 +360,15 @@ def collate(rows: Sequence[TrainingRow], pad_token_id: int, device=None) -> dict
         "completion_mask": pad([[1] * len(r.completion_ids) for r in rows], 0),
         "tool_mask": pad([r.env_mask for r in rows], 0),
         "turn_ids": pad([r.turn_ids for r in rows], -1),
-        "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
     }
+    if all(isinstance(r.advantage, (int, float)) for r in rows):
+        batch["advantages"] = torch.tensor([float(r.advantage) for r in rows], dtype=torch.float32, device=device)
+    else:  # per-token advantages (B, C); TRL's loss takes both shapes
+        per_token = [
+            r.advantage if isinstance(r.advantage, list) else [float(r.advantage)] * len(r.completion_ids)
+            for r in rows
+        ]
+        batch["advantages"] = pad(per_token, 0.0, dtype=torch.float32)
     optional = {
         "epo_weights": "epo_weights",
         "old_per_token_logps": "old_logps",
