@@ -277,7 +277,7 @@ class RowTrainingMixin:
                 )
                 for row, values in zip(chunk, logps.float().tolist()):
                     if row.episode >= 0:
-                        setattr(row, attribute, values[: len(row.completion_ids)])
+                        setattr(row, attribute, values[len(values) - len(row.completion_ids) :])
 
     def _log_rows(self, rewards, rows, counts) -> None:
         metrics = self._metrics["train"]

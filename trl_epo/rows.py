@@ -210,23 +210,22 @@ def balanced_bins(sizes: Sequence[int], num_bins: int) -> list[int]:
     return assignment
 
 
-def token_chunks(lengths: Sequence[int], budget: int | None) -> list[list[int]]:
+def token_chunks(lengths: Sequence[int], budget: int | None, max_padding: float = 0.1) -> list[list[int]]:
     """Cut rows into forward chunks of at most `budget` tokens counted with padding (rows x the longest row): rows
-    sorted by length, so rows of similar length share a chunk. A row longer than the budget gets its own chunk. No
-    budget: one chunk."""
+    sorted by length, a new chunk when the next row would break the budget or push the chunk's padding above
+    `max_padding`. A row longer than the budget gets its own chunk. No budget: only the padding bound."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    if not order:
-        return []
-    if budget is None:
-        return [order]
-    chunks: list[list[int]] = [[]]
+    chunks: list[list[int]] = []
     for i in order:
-        current = chunks[-1]
-        width = max([lengths[j] for j in current] + [lengths[i]])
-        if current and width * (len(current) + 1) > budget:
-            chunks.append([i])
-        else:
-            current.append(i)
+        if chunks:
+            current = chunks[-1]
+            width = lengths[current[0]]  # the longest: rows come longest first
+            padded = width * (len(current) + 1)
+            real = sum(lengths[j] for j in current) + lengths[i]
+            if (budget is None or padded <= budget) and 1 - real / padded <= max_padding:
+                current.append(i)
+                continue
+        chunks.append([i])
     return chunks
 
 
@@ -292,15 +291,13 @@ def set_epo_weights(rows: Sequence[TrainingRow], counts: StepCounts, aggregation
 
 
 def padding_fraction(chunks: Sequence[Sequence[TrainingRow]]) -> float:
-    """Padding tokens / all tokens of forward chunks (each row padded to its chunk's longest prompt and answer)."""
+    """Padding tokens / all tokens of forward chunks, padded as `collate` pads them (each row's whole sequence to
+    the chunk's longest)."""
     padded = real = 0
     for chunk in chunks:
-        if not chunk:
-            continue
-        prompt = max(len(r.prompt_ids) for r in chunk)
-        answer = max(len(r.completion_ids) for r in chunk)
-        padded += len(chunk) * (prompt + answer)
-        real += sum(r.length for r in chunk)
+        if chunk:
+            padded += len(chunk) * max(r.length for r in chunk)
+            real += sum(r.length for r in chunk)
     return 1.0 - real / padded if padded else 0.0
 
 
@@ -337,38 +334,43 @@ def filler_row(pad_token_id: int) -> TrainingRow:
 
 
 def collate(rows: Sequence[TrainingRow], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
-    """TRL's loss inputs for a chunk of rows: left-padded prompts, right-padded completions, the env mask as
-    `tool_mask`, turn ids (-1 on padding), advantages, EPO weights and, when the rows have them, old / reference /
-    sampling logprobs."""
+    """TRL's loss inputs for a chunk of rows, padded tightly: each row's whole sequence (prompt + completion) is
+    left-padded to the chunk's longest, so a chunk's padding is only the difference between the rows' total lengths
+    (rows of similar length share a chunk). The completion region is the last C columns (C = the longest completion):
+    a row with a shorter completion has its prompt's tail there, attended (`completion_mask` 1) but never trained
+    (`tool_mask` 0). Per-token values (turn ids, EPO weights, per-token advantages, old / reference / sampling
+    logprobs) are aligned with the region; a row's completion tokens are its last ``len(row.completion_ids)``
+    columns."""
+    width = max(r.length for r in rows)
+    region = max(len(r.completion_ids) for r in rows)
 
-    def pad(seqs, value, left=False, dtype=torch.long):
-        width = max(len(s) for s in seqs)
-        out = torch.full((len(seqs), width), value, dtype=dtype)
-        for i, s in enumerate(seqs):
-            if len(s):
-                values = torch.as_tensor(list(s), dtype=dtype)
-                if left:
-                    out[i, width - len(s) :] = values
-                else:
-                    out[i, : len(s)] = values
-        return out.to(device) if device is not None else out
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
 
+    def aligned(per_row, fill, dtype=torch.float32):  # per-completion-token values placed in the region
+        return tensor([[fill] * (region - len(v)) + list(v) for v in per_row], dtype)
+
+    sequences = [[pad_token_id] * (width - r.length) + r.prompt_ids + r.completion_ids for r in rows]
+    masks = [[0] * (width - r.length) + [1] * r.length for r in rows]
+    cut = width - region
     batch = {
-        "prompt_ids": pad([r.prompt_ids for r in rows], pad_token_id, left=True),
-        "prompt_mask": pad([[1] * len(r.prompt_ids) for r in rows], 0, left=True),
-        "completion_ids": pad([r.completion_ids for r in rows], pad_token_id),
-        "completion_mask": pad([[1] * len(r.completion_ids) for r in rows], 0),
-        "tool_mask": pad([r.env_mask for r in rows], 0),
-        "turn_ids": pad([r.turn_ids for r in rows], -1),
+        "prompt_ids": tensor([s[:cut] for s in sequences], torch.long),
+        "prompt_mask": tensor([m[:cut] for m in masks], torch.long),
+        "completion_ids": tensor([s[cut:] for s in sequences], torch.long),
+        "completion_mask": tensor([m[cut:] for m in masks], torch.long),
+        "tool_mask": aligned([r.env_mask for r in rows], 0, torch.long),
+        "turn_ids": aligned([r.turn_ids for r in rows], -1, torch.long),
     }
     if all(isinstance(r.advantage, (int, float)) for r in rows):
-        batch["advantages"] = torch.tensor([float(r.advantage) for r in rows], dtype=torch.float32, device=device)
+        batch["advantages"] = tensor([float(r.advantage) for r in rows], torch.float32)
     else:  # per-token advantages (B, C); TRL's loss takes both shapes
-        per_token = [
-            r.advantage if isinstance(r.advantage, list) else [float(r.advantage)] * len(r.completion_ids)
-            for r in rows
-        ]
-        batch["advantages"] = pad(per_token, 0.0, dtype=torch.float32)
+        batch["advantages"] = aligned(
+            [
+                r.advantage if isinstance(r.advantage, list) else [float(r.advantage)] * len(r.completion_ids)
+                for r in rows
+            ],
+            0.0,
+        )
     optional = {
         "epo_weights": "epo_weights",
         "old_per_token_logps": "old_logps",
@@ -378,7 +380,7 @@ def collate(rows: Sequence[TrainingRow], pad_token_id: int, device=None) -> dict
     for key, attribute in optional.items():
         values = [getattr(r, attribute) for r in rows]
         if all(v is not None for v in values):
-            batch[key] = pad(values, 0.0, dtype=torch.float32)
+            batch[key] = aligned(values, 0.0)
     return batch
 
 

@@ -68,12 +68,13 @@ def test_step_and_packed_layouts_give_the_same_logps_entropies_and_loss(tokenize
                 trainer._entropy_window = EntropyWindow()  # keep the reference fixed across layouts
                 loss += trainer.compute_loss(trainer.model, inputs).item()
             for r, row in enumerate(chunk):
+                offset = logps.size(1) - len(row.completion_ids)  # a row's completion ends the region
                 turn_position = {}
                 for j, (m, t) in enumerate(zip(row.env_mask, row.turn_ids)):
                     if m:
                         k = turn_position.setdefault(t, 0)
                         turn_position[t] += 1
-                        tokens[(row.episode, t, k)] = (logps[r, j].item(), entropies[r, j].item())
+                        tokens[(row.episode, t, k)] = (logps[r, offset + j].item(), entropies[r, offset + j].item())
         per_layout[layout] = (tokens, loss)
         trainer.epo_reference = EntropyReference()
         trainer.epo_reference.update(type("S", (), {"mean": 6.0, "turn_means": {}})())

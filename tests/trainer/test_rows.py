@@ -134,27 +134,39 @@ def test_eq2_weights_use_the_global_trajectory_count():
     assert all(w == pytest.approx(1 / 40) for r in rows for w, m in zip(r.epo_weights, r.env_mask) if m)
 
 
-def test_token_chunks_respect_the_budget_with_padding():
-    lengths = [10, 3, 7, 7, 2, 30]
+def test_token_chunks_respect_the_budget_and_bound_the_padding():
+    lengths = [10, 3, 7, 7, 2, 30, 9, 10]
     chunks = token_chunks(lengths, budget=20)
-    assert sorted(i for c in chunks for i in c) == list(range(6))
+    assert sorted(i for c in chunks for i in c) == list(range(8))
     for chunk in chunks:
         width = max(lengths[i] for i in chunk)
         assert width * len(chunk) <= 20 or len(chunk) == 1  # a row longer than the budget goes alone
-    assert token_chunks(lengths, None) == [sorted(range(6), key=lambda i: (-lengths[i], i))]
+        assert 1 - sum(lengths[i] for i in chunk) / (width * len(chunk)) <= 0.1
+    assert [sorted(c) for c in token_chunks([10, 10, 9, 2], None)] == [[0, 1, 2], [3]]  # 2 would pad a 10-wide chunk
 
 
-def test_collate_pads_prompts_left_and_completions_right():
+def test_collate_pads_whole_sequences_left_and_aligns_completions():
     rows = [
         TrainingRow([1, 2, 3], [4], [1], [0], 0, advantage=0.5, epo_weights=[1.0]),
         TrainingRow([5], [6, 7], [1, 0], [1, 1], 1, advantage=-1.0, epo_weights=[0.5, 0.0]),
     ]
     batch = collate(rows, pad_token_id=0)
-    assert batch["prompt_ids"].tolist() == [[1, 2, 3], [0, 0, 5]]
-    assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert batch["completion_ids"].tolist() == [[4, 0], [6, 7]]
-    assert batch["tool_mask"].tolist() == [[1, 0], [1, 0]] and batch["turn_ids"].tolist() == [[0, -1], [1, 1]]
+    # widths: rows of 4 and 3 tokens -> 4 columns; completion region = the last 2 (the longest completion)
+    assert batch["prompt_ids"].tolist() == [[1, 2], [0, 5]]
+    assert batch["prompt_mask"].tolist() == [[1, 1], [0, 1]]
+    assert batch["completion_ids"].tolist() == [[3, 4], [6, 7]]
+    assert batch["completion_mask"].tolist() == [[1, 1], [1, 1]]  # row 0's prompt tail is attended ...
+    assert batch["tool_mask"].tolist() == [[0, 1], [1, 0]]  # ... but never trained
+    assert batch["turn_ids"].tolist() == [[-1, 0], [1, 1]] and batch["epo_weights"].tolist() == [[0, 1], [0.5, 0]]
     assert batch["advantages"].tolist() == [0.5, -1.0] and "old_per_token_logps" not in batch
+    per_token = collate(
+        [
+            TrainingRow([1], [2, 3], [1, 1], [0, 0], 0, advantage=[0.1, 0.2]),
+            TrainingRow([4, 5], [6], [1], [0], 1, advantage=0.7),
+        ],
+        0,
+    )
+    assert per_token["advantages"].flatten().tolist() == pytest.approx([0.1, 0.2, 0.0, 0.7])
 
 
 def test_turn_importance_ratios_multiply_within_a_turn_only():
