@@ -122,7 +122,8 @@ def alfworld_episodes(n: int, history: int, segments, tokenizer):
 
         generate_games(root, "train", per_type=max(1, n // 6 + 1), seed=0)
         split = "train"
-    tasks = make_tasks(split, root)[:n]
+    tasks = make_tasks(split, root)
+    tasks = [tasks[i * len(tasks) // n] for i in range(min(n, len(tasks)))]  # spread over the (sorted) task types
     data = expert_sft_dataset(tasks, data_root=root, history=history, skip_failures=True)
     by_task: dict[str, list] = {}
     for row in data:
