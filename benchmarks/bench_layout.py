@@ -290,6 +290,7 @@ def run(args: BenchLayoutArguments) -> dict:
             "packed_row_tokens": [r.length for r in packed_rows],
             "step_longest_turn_tokens": max(r.length for r in step_rows),
             "step_peak_bytes": measure_peak(model, step_rows, args.token_budget, None),
+            "step_peak_bytes_one_turn_per_forward": measure_peak(model, step_rows, 1, None),
             "packed_peak_bytes": measure_peak(model, packed_rows, args.token_budget, marker),
         }
         entry["seconds"] = time.perf_counter() - start

@@ -96,10 +96,13 @@ def main(argv: list[str] | None = None):
     else:
         if not script_args.model_name_or_path:
             raise SystemExit("Pass --model_name_or_path (or --tiny for an offline tiny model).")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(script_args.model_name_or_path, dtype="auto")
+        from trl_epo.models import load_tokenizer, resolve_model
+
+        path = resolve_model(script_args.model_name_or_path)  # smollm2-135m: the offline real model
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()

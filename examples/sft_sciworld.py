@@ -119,6 +119,10 @@ def load_model_and_tokenizer(args: SciWorldSFTArguments, model_args: ModelConfig
         )
     from transformers import AutoTokenizer
 
+    from trl_epo.models import MODELS, load_tokenizer, resolve_model
+
+    offline = model_args.model_name_or_path in MODELS  # e.g. smollm2-135m: a real model without a hub
+    model_args.model_name_or_path = resolve_model(model_args.model_name_or_path)
     init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -127,11 +131,14 @@ def load_model_and_tokenizer(args: SciWorldSFTArguments, model_args: ModelConfig
     )
     init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = init_kwargs
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-    )
+    if offline:
+        tokenizer = load_tokenizer(model_args.model_name_or_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model_args.model_name_or_path, tokenizer

@@ -124,10 +124,18 @@ def main(argv: list[str] | None = None):
     else:
         from transformers import AutoTokenizer
 
+        from trl_epo.models import MODELS, load_tokenizer, resolve_model
+
         model = model_args.model_name_or_path
         if not model:
             raise SystemExit("Pass --model_name_or_path (or --tiny true for an offline tiny model).")
-        tokenizer = AutoTokenizer.from_pretrained(model, revision=model_args.model_revision)
+        offline = model in MODELS  # e.g. smollm2-135m: a real model without a hub
+        model = resolve_model(model)
+        tokenizer = (
+            load_tokenizer(model)
+            if offline
+            else AutoTokenizer.from_pretrained(model, revision=model_args.model_revision)
+        )
         training_args.model_init_kwargs = {
             **(training_args.model_init_kwargs or {}),
             "dtype": model_args.dtype or "auto",

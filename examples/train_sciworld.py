@@ -231,11 +231,18 @@ def main(argv: list[str] | None = None) -> EPOTrainer:
             raise ValueError("Give --model_name_or_path (a Hub id or local directory), or --tiny_model.")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path,
-            revision=model_args.model_revision,
-            trust_remote_code=training_args.trust_remote_code,
-        )
+        from trl_epo.models import MODELS, load_tokenizer, resolve_model
+
+        offline = model_args.model_name_or_path in MODELS  # e.g. smollm2-135m: a real model without a hub
+        model_args.model_name_or_path = resolve_model(model_args.model_name_or_path)
+        if offline:
+            tokenizer = load_tokenizer(model_args.model_name_or_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_args.model_name_or_path,
+                revision=model_args.model_revision,
+                trust_remote_code=training_args.trust_remote_code,
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         init_kwargs = dict(

@@ -4,7 +4,8 @@ The script follows TRL's script conventions (`TrlParser` over `EPOConfig` + `Mod
 usual flags work: `--use_peft --lora_r 16 --lora_target_modules all-linear` (LoRA), `--load_in_4bit` (QLoRA: 4-bit
 bitsandbytes base + LoRA), `--gradient_checkpointing`, `--push_to_hub`, `--config my.yaml`, every `--epo_*` and
 `--env_*` field. `--model_name_or_path tiny` builds a tiny random model and tokenizer locally (no download), so the
-script runs anywhere, CPU included; any Hub id or local path works too.
+script runs anywhere, CPU included; `--model_name_or_path smollm2-135m` is a real instruct model that also works
+offline (`trl_epo.models`); any Hub id or local path works too.
 
     # one process (CPU)
     python examples/train_toy.py --model_name_or_path tiny --output_dir out/toy --bf16 false --use_cpu
@@ -106,7 +107,6 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
     """The EPOTrainer of this script, following TRL's conventions: the model is loaded by the trainer from
     `model_args.model_name_or_path` with `model_init_kwargs`, `quantization_config` and `peft_config` built by TRL's
     `get_quantization_config` / `get_peft_config` from the `ModelConfig` flags."""
-    from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
     from trl_epo import EPOTrainer
@@ -119,9 +119,12 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
             "--load_in_4bit/--load_in_8bit quantize the frozen base model: only an adapter can be trained on it. "
             "Add --use_peft (QLoRA), or drop the quantization flag for full fine-tuning."
         )
+    from trl_epo.models import MODELS, load_tokenizer, resolve_model
+
     model_path = model_args.model_name_or_path
     if model_path == TINY:
         model_path = prepare_tiny_model(script_args, training_args)
+    model_path = resolve_model(model_path)  # an offline model (e.g. smollm2-135m): its converted folder
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -132,8 +135,8 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
     training_args.model_init_kwargs = model_init_kwargs
 
     processing_class = None
-    if model_args.model_name_or_path == TINY:  # a Hub model brings its tokenizer through TRL's AutoProcessor
-        processing_class = AutoTokenizer.from_pretrained(model_path)
+    if model_args.model_name_or_path == TINY or model_args.model_name_or_path in MODELS:
+        processing_class = load_tokenizer(model_path)  # as saved (a Hub model's comes through TRL's AutoProcessor)
     dataset = make_dataset(script_args.env_split, script_args.num_tasks, seed=script_args.task_seed)
     evaluation = None
     if script_args.num_eval_tasks > 0:

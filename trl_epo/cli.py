@@ -61,22 +61,6 @@ def _has_tokenizer(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def load_tokenizer(path: str):
-    """The tokenizer saved at `path`, as it was saved. A generic fast tokenizer (`tokenizer_class` TokenizersBackend,
-    e.g. the ones `trl_epo.tiny` builds) is loaded as such: `AutoTokenizer` may swap in the model type's own class
-    (Qwen2Tokenizer for a qwen2 config), whose built-in pre-tokenizer splits text differently from the one the model
-    was trained with."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    config = os.path.join(path, "tokenizer_config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
-            declared = json.load(f).get("tokenizer_class")
-        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
-
-
 def load_model_for_eval(path: str, device: str | None = None, dtype: str = "auto"):
     """Load a saved model directory, a trainer checkpoint directory or a PEFT (LoRA) adapter directory.
 
@@ -101,6 +85,8 @@ def load_model_for_eval(path: str, device: str | None = None, dtype: str = "auto
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     source = next((c for c in candidates if os.path.isdir(c) and _has_tokenizer(c)), candidates[-1])
+    from .models import load_tokenizer
+
     tokenizer = load_tokenizer(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

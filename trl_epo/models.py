@@ -158,6 +158,28 @@ def pretrained_path(name: str = "smollm2-135m", cache_dir: str | os.PathLike | N
     return folder
 
 
+def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """What `--model_name_or_path` names: an offline model's cached folder (e.g. "smollm2-135m", converted on first
+    use), else the argument itself (a Hub id or a local folder)."""
+    return pretrained_path(name_or_path, cache_dir) if name_or_path in MODELS else name_or_path
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved at `path` (a folder or a Hub id), as it was saved. A generic fast tokenizer
+    (`tokenizer_class` TokenizersBackend, e.g. the ones `trl_epo.tiny` builds) is loaded as such: `AutoTokenizer` may
+    swap in the model type's own class (Qwen2Tokenizer for a qwen2 config), whose built-in pre-tokenizer splits text
+    differently from the one the model was trained with."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            declared = json.load(f).get("tokenizer_class")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_pretrained(name: str = "smollm2-135m", dtype="float32", cache_dir: str | os.PathLike | None = None):
     """`(model, tokenizer)` of an offline model (converted on first use, see `pretrained_path`).
 
@@ -167,13 +189,13 @@ def load_pretrained(name: str = "smollm2-135m", dtype="float32", cache_dir: str 
         cache_dir: where converted models live (default: see `model_cache_dir`).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = pretrained_path(name, cache_dir)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     return model, tokenizer
 
 
