@@ -57,8 +57,8 @@ class FaultyToyEnv(ToyEnv):
     """A toy env that misbehaves on purpose, to test robustness.
 
     A task whose `extra["fault"]` is ``"raise"``, ``"hang"`` or ``"exit"`` fails at step `extra.get("fault_step", 1)`:
-    it raises, sleeps for `hang_seconds`, or kills its own process (process backend only). Other tasks play normally,
-    so a batch can mix healthy and failing episodes.
+    it raises, sleeps for `hang_seconds`, or kills its own process (process backend only); ``fault_step=0`` with
+    ``"raise"`` fails the reset. Other tasks play normally, so a batch can mix healthy and failing episodes.
     """
 
     def __init__(self, hang_seconds: float = 3600.0, **kwargs):
@@ -68,9 +68,12 @@ class FaultyToyEnv(ToyEnv):
     def reset(self, task):
         spec = TaskSpec.from_row(task)
         self.fault = spec.extra.get("fault")
-        self.fault_step = int(spec.extra.get("fault_step", 1))
+        step = spec.extra.get("fault_step")  # None for healthy rows of a dataset that mixes both
+        self.fault_step = 1 if step is None else int(step)
         if self.fault not in (None, "raise", "hang", "exit"):
             raise ValueError(f"fault must be 'raise', 'hang' or 'exit', got {self.fault!r}.")
+        if self.fault == "raise" and self.fault_step == 0:
+            raise RuntimeError("injected env failure at reset")
         return super().reset(spec)
 
     def step(self, action: str) -> StepResult:

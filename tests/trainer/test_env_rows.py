@@ -247,3 +247,55 @@ def test_updates_per_rollout_sets_the_generation_batch(tmp_path):
     assert args.env_error_reward == "exclude"  # an env failure never counts as a real 0 by default
     with pytest.raises(ValueError, match="env_updates_per_rollout"):
         EPOConfig(**base_config_kwargs(tmp_path, env_updates_per_rollout=3, steps_per_generation=2))
+
+
+def test_eq2_and_advantages_with_episodes_that_failed_at_reset(tokenizer, make_model, tmp_path, monkeypatch):
+    """One task's env fails at reset (both group members: no action tokens). Every counted trajectory of the step
+    weighs 1/B with the global B (the healthy episodes), the failed ones weigh nothing and get advantage 0, and the
+    healthy groups' baselines are their own."""
+    from datasets import Dataset
+    from helpers.pool_envs import FaultyToyEnv
+
+    from trl_epo.envs.base import task_rows
+    from trl_epo.envs.toy import make_tasks
+
+    rows = task_rows(make_tasks("train", 3))
+    rows["extra"] = [{"fault": "raise", "fault_step": 0} if i == 1 else {} for i in range(3)]
+    seen = []
+    real = RowTrainingMixin._chunk_inputs
+
+    def chunk_inputs(self, chunk, counts):
+        seen.extend(
+            (row.episode, sum(row.epo_weights or [0.0]), row.advantage, counts.trajectories)
+            for row in chunk
+            if row.episode >= 0
+        )
+        return real(self, chunk, counts)
+
+    monkeypatch.setattr(RowTrainingMixin, "_chunk_inputs", chunk_inputs)
+    args = windowed_args(
+        tmp_path,
+        per_device_train_batch_size=3,
+        num_generations=2,
+        gradient_accumulation_steps=2,
+        steps_per_generation=2,
+        env_forward_token_budget=200,
+    )
+    trainer = EPOTrainer(
+        make_model(),
+        args=args,
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=tokenizer,
+        env_factory=FaultyToyEnv,
+    )
+    trainer.train()
+    failed = {e for e, ep in enumerate(trainer.env_rollout.last_batch.episodes) if ep.env_error is not None}
+    assert len(failed) == 2, [ep.env_error for ep in trainer.env_rollout.last_batch.episodes]
+    weight = {}
+    for episode, w, advantage, trajectories in seen:
+        weight[episode] = weight.get(episode, 0.0) + w
+        assert trajectories == 4  # B: the 4 healthy episodes, counted over the whole step (2 micro-batches)
+        if episode in failed:
+            assert advantage == 0.0
+    assert all(weight[e] == 0.0 for e in failed)
+    assert sorted(round(weight[e], 6) for e in weight if e not in failed) == [0.25] * 4
