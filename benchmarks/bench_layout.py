@@ -328,8 +328,10 @@ def report_source(source: str, entry: dict) -> str:
     m = entry["measured"]
     lines.append(
         f"measured loss+backward peak on the {m['episodes']} longest episode(s): step "
-        f"{m['step_peak_bytes'] / 2**20:.1f} MiB (longest turn {m['step_longest_turn_tokens']} tokens), "
-        f"packed {m['packed_peak_bytes'] / 2**20:.1f} MiB (rows of {m['packed_row_tokens']} tokens)"
+        f"{m['step_peak_bytes'] / 2**20:.1f} MiB with the token budget, "
+        f"{m['step_peak_bytes_one_turn_per_forward'] / 2**20:.1f} MiB one turn per forward (longest turn "
+        f"{m['step_longest_turn_tokens']} tokens), packed {m['packed_peak_bytes'] / 2**20:.1f} MiB (rows of "
+        f"{m['packed_row_tokens']} tokens)"
     )
     return "\n".join(lines)
 

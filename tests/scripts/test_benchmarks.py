@@ -44,6 +44,21 @@ def test_bench_loss_tiny(tmp_path):
     assert "time ratio vs GRPO" in bench.report(result)
 
 
+def test_bench_layout_tiny(tmp_path):
+    bench = load_benchmark("bench_layout")
+    result = bench.main(["--tiny", "--output", str(tmp_path / "layout.json")])
+    toy = json.loads((tmp_path / "layout.json").read_text())["sources"]["toy"]
+    assert toy["step"]["tokens"] == toy["packed"]["tokens"]  # the same tokens, laid out differently
+    assert toy["step"]["rows"] == sum(toy["turns"]) and toy["packed"]["rows"] == toy["episodes"]
+    assert toy["step"]["attention_flops"] < toy["packed"]["attention_flops"]
+    assert toy["step"]["padding_fraction"] < 0.1
+    measured = toy["measured"]
+    assert 0 < measured["step_peak_bytes_one_turn_per_forward"] < measured["packed_peak_bytes"]
+    projection = result["projection"]["Qwen2.5-7B / ScienceWorld"]
+    assert projection["packed"]["dense_mask_bytes"] == 76800**2  # 5.5 GiB: the number
+    assert projection["attention_flops_ratio_packed_over_step"] == pytest.approx(30.0)
+
+
 def test_bench_loss_peak_memory_counts_allocations():
     bench = load_benchmark("bench_loss")
 
