@@ -43,9 +43,9 @@ def policy(accelerator, backend, eos=EOS, syncs=None):
     )
 
 
-def two_process_backends(mode, world, model, monkeypatch, log=None):
+def two_process_backends(mode, world, model, monkeypatch, log=None, sleep=False, engines=None):
     """`backend(rank, accelerator)` for `mode`: "server" (one server, its client on process 0 only, as TRL) or
-    "colocate_tp2" (one engine per rank, both ranks one TP group)."""
+    "colocate_tp2" (one engine per rank, both ranks one TP group; `engines[rank]` keeps them)."""
     world.patch(monkeypatch)
     install_fake_vllm(monkeypatch)
     client = FakeServerClient(model)
@@ -54,7 +54,9 @@ def two_process_backends(mode, world, model, monkeypatch, log=None):
         if mode == "server":
             return make_backend("server", accelerator, client=client if rank == 0 else None)
         llm = FakeLLM(model, log=log)
-        return make_backend("colocate", accelerator, llm=llm, tensor_parallel_size=2, tp_group=(0, 1))
+        if engines is not None:
+            engines[rank] = llm
+        return make_backend("colocate", accelerator, llm=llm, tensor_parallel_size=2, tp_group=(0, 1), sleep=sleep)
 
     return backend, client
 
@@ -145,3 +147,25 @@ def test_two_process_rollout_every_answer_lands_on_its_episode(mode, monkeypatch
                 assert (ids, logprobs) == model.expected(context, limit), f"{episode.task.task} at {start}"
                 cut_by_budget += limit < config.max_turn_tokens
     assert cut_by_budget > 0  # some answers had a limit of their own, below max_turn_tokens
+
+
+def test_two_process_sleep_mode_syncs_and_sleeps_once_per_rollout(monkeypatch):
+    """Colocate, TP = 2, sleep mode: two multi-turn rollouts wake, sync and sleep each engine twice, not per turn."""
+    world, engines = ThreadWorld(2), {}
+    tokenizers = [build_tiny_tokenizer(), build_tiny_tokenizer()]
+    model = EchoModel(tokenizers[0].eos_token_id, encode=lambda text: tokenizers[0].encode(text))
+    backend_of, _ = two_process_backends("colocate_tp2", world, model, monkeypatch, sleep=True, engines=engines)
+    config = RolloutConfig(max_turns=6, max_turn_tokens=16, pool_backend="inline", progress_bar=False)
+
+    def play(rank):
+        accelerator = FakeAccelerator(world, rank)
+        generator = TrainerGenerator(policy(accelerator, backend_of(rank, accelerator), model.eos_token_id), config)
+        rollout = MultiTurnRollout(CountdownEnv, config)
+        tasks = [TaskSpec(env="countdown", task=f"t{rank}{i}", variation=2 + i + rank) for i in range(3)]
+        return [rollout.play(tasks, generator, tokenizers[rank]).stats for _ in range(2)]
+
+    stats = world.run(play)
+    for rank, llm in engines.items():
+        assert len(llm.calls) >= 8  # 2 rollouts of 4-5 turns ...
+        assert (llm.syncs, llm.sleeps, llm.prefix_resets) == (2, 1 + 2, 2)  # ... 2 syncs, 2 sleeps (+ init)
+        assert [s.weight_syncs for s in stats[rank]] == [1, 1]
