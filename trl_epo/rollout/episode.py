@@ -185,7 +185,8 @@ class RolloutStats:
         return self.tokens_fed / max(1, self.final_tokens)
 
     def metrics(self, num_processes: int = 1) -> dict[str, float]:
-        """`rollout/*` metrics of counters summed over `num_processes` processes (times are per-process means)."""
+        """`rollout/*` metrics of counters summed over `num_processes` processes (times and weight syncs are
+        per-process means: every process takes part in the one collective sync)."""
         out = {
             "rollout/success_rate": self.success_rate,
             "rollout/mean_turns": self.mean_turns,

@@ -59,7 +59,10 @@ def engine_context_limit(backend, accelerator) -> int | None:
     process must call this). None when unknown."""
     value = getattr(backend, "max_model_length", None)
     if not value and backend.mode == "colocate":
-        config = getattr(getattr(backend.llm, "llm_engine", None), "model_config", None)
+        engine = getattr(backend.llm, "llm_engine", None)
+        config = getattr(engine, "model_config", None) or getattr(
+            getattr(engine, "vllm_config", None), "model_config", None
+        )
         value = getattr(config, "max_model_len", None)
     elif not value:
         if accelerator.is_main_process:
