@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .importance import IMPORTANCE_SAMPLING_MODES
 from .objective import AGGREGATIONS, PHASE_SCHEDULES, REFERENCE_MODES, SMOOTHING_MODES
 from .rollout.config import ENV_ERROR_MODES, POOL_BACKENDS, REWARD_MODES, RolloutConfig, check_setting
 from .rows import ADVANTAGE_BASELINES, LAYOUTS, resolve_layout
@@ -123,6 +124,16 @@ class EPOConfig(GRPOConfig):
             Sampling temperature of the periodic evaluation on `eval_dataset` (the paper validates at 0.4).
         env_eval_seeds (`list[int]`, *optional*, defaults to `[0]`):
             Sampling seeds of the periodic evaluation: each eval task is played once per seed.
+        env_importance_sampling (`str`, *optional*, defaults to `"token_truncate"`):
+            The vLLM-vs-trainer importance-sampling correction of env rollouts (with `use_vllm=True` and TRL's
+            `vllm_importance_sampling_correction`, bounds `vllm_importance_sampling_clip_min/max`). It replaces TRL's
+            `vllm_importance_sampling_mode` for env rows, whose default `"sequence_mask"` multiplies the token ratios
+            of a whole row: for a multi-turn episode trained as one row (thousands of action tokens over 30-50 turns)
+            a per-token mismatch of a few hundredths of a nat pushes that product out of [clip_min, clip_max] and masks
+            the long episodes. Default `"token_truncate"`: each action token's own ratio, clipped at clip_max, which
+            neither episode length nor the number of turns can mask or crush (truncated IS, verl's default). Also
+            `"token_mask"`, `"turn_truncate"` / `"turn_mask"` (one ratio per turn, the product over the tokens of one
+            sampling call) and TRL's `"sequence_truncate"` / `"sequence_mask"` (one ratio per row).
     """
 
     # ---- EPO objective
@@ -221,6 +232,13 @@ class EPOConfig(GRPOConfig):
     env_eval_seeds: list[int] = field(
         default_factory=lambda: [0], metadata={"help": "Sampling seeds of the periodic evaluation."}
     )
+    env_importance_sampling: str = field(
+        default="token_truncate",
+        metadata={
+            "help": "vLLM importance-sampling correction of env rows (replaces vllm_importance_sampling_mode there).",
+            "choices": list(IMPORTANCE_SAMPLING_MODES),
+        },
+    )
 
     def __post_init__(self):
         k = self.env_updates_per_rollout
@@ -248,6 +266,12 @@ class EPOConfig(GRPOConfig):
             self.env_eval_temperature >= 0, "env_eval_temperature", self.env_eval_temperature, "it must be >= 0"
         )
         check_setting(bool(self.env_eval_seeds), "env_eval_seeds", self.env_eval_seeds, "give at least one seed")
+        check_setting(
+            self.env_importance_sampling in IMPORTANCE_SAMPLING_MODES,
+            "env_importance_sampling",
+            self.env_importance_sampling,
+            f"use one of {IMPORTANCE_SAMPLING_MODES}",
+        )
         resolve_layout(self.env_sample_layout, self.env_history_turns is not None)
         check_setting(
             self.env_advantage_baseline in ADVANTAGE_BASELINES,

@@ -17,6 +17,7 @@ from .evaluation import evaluation_result, play_episodes, sampling_config
 from .results import save_eval_results
 from .rollout import MultiTurnRollout, RolloutBatch, RolloutConfig, RolloutStats, TrainerGenerator, TrainerPolicy
 from .rollout.config import rollout_record
+from .rollout.vllm import engine_context_limit, sampling_overrides
 from .run_files import ROLLOUT_LOG_DIR
 
 
@@ -27,30 +28,44 @@ class EnvTrainingMixin:
     _rollout_env: str | None = None  # the env the rollout config was resolved for
     _packed_block_marker: list[int] | None = None
     _rollouts_played = 0
+    _vllm_context_limit: tuple[int | None] | None = None  # the engine's max model length, asked once
 
     # ---- rollouts
     def rollout_policy(self, generation_config=None) -> TrainerPolicy:
-        """What a rollout needs to generate with this trainer's policy (explicit values; nothing is written back)."""
+        """What a rollout needs to generate with this trainer's policy (explicit values; nothing is written back).
+        `generation_config`: sampling settings other than training's (evaluation), for HF generate and vLLM alike.
+        Collective with vLLM in server mode (the first call asks the server for its maximum model length)."""
+        use_vllm = bool(self.use_vllm)
+        backend = getattr(self, "vllm_generation", None) if use_vllm else None
+        if backend is not None and self._vllm_context_limit is None:
+            self._vllm_context_limit = (engine_context_limit(backend, self.accelerator),)
         return TrainerPolicy(
             model_wrapped=self.model_wrapped,
             accelerator=self.accelerator,
-            generation_config=generation_config or self.generation_config,
+            # with vLLM, TRL builds no GenerationConfig: the backend keeps TRL's sampling settings
+            generation_config=generation_config or getattr(self, "generation_config", None),
             eos_token_ids=list(self.eos_token_ids),
             pad_token_id=self.processing_class.pad_token_id,
             max_completion_length=self.max_completion_length,
-            use_vllm=bool(self.use_vllm),
-            vllm_generation=getattr(self, "vllm_generation", None),
-            sync_weights=self._sync_vllm_weights if self.use_vllm else None,
+            use_vllm=use_vllm,
+            vllm_generation=backend,
+            sync_weights=self._sync_vllm_weights if use_vllm else None,
+            max_context_tokens=self._vllm_context_limit[0] if backend is not None else None,
+            vllm_sampling=sampling_overrides(generation_config),
             ds3_gather_for_generation=self.args.ds3_gather_for_generation,
-            generation_kwargs=self.generation_kwargs,
+            generation_kwargs=getattr(self, "generation_kwargs", None) or {},
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             full_params=functools.partial(self._dist.summon_full_params, self.model_wrapped, recurse=False),
         )
 
-    def _sync_vllm_weights(self) -> None:
-        if self.state.global_step != self._last_loaded_step:
-            self.vllm_generation.sync_weights()
-            self._last_loaded_step = self.state.global_step
+    def _sync_vllm_weights(self, force: bool = False) -> bool:
+        """Push the training weights to vLLM when they changed since the last push (or always with `force`: a sleeping
+        engine discarded them); every process calls it (ZeRO-3 gathers). Returns whether it pushed."""
+        if not force and self.state.global_step == self._last_loaded_step:
+            return False
+        self.vllm_generation.sync_weights()
+        self._last_loaded_step = self.state.global_step
+        return True
 
     def _rollout_config(self, tasks: list[TaskSpec]) -> RolloutConfig:
         """The rollout settings, resolved once from `args` and the env's registry defaults."""
@@ -127,17 +142,18 @@ class EnvTrainingMixin:
         generator = TrainerGenerator(self.rollout_policy(sampling), config)
         per_process = -(-len(tasks) // accelerator.num_processes)
         start = time.perf_counter()
-        records = play_episodes(
-            self.env_rollout,
-            generator,
-            self.processing_class,
-            tasks,
-            args.env_eval_seeds,
-            batch_size=max(1, per_process),
-            process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes,
-            gather=_gather_object if accelerator.num_processes > 1 else None,
-        )
+        with generator:  # one engine session (one weight sync, one sleep) for all of the split's rollouts
+            records = play_episodes(
+                self.env_rollout,
+                generator,
+                self.processing_class,
+                tasks,
+                args.env_eval_seeds,
+                batch_size=max(1, per_process),
+                process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes,
+                gather=_gather_object if accelerator.num_processes > 1 else None,
+            )
         settings = {"temperature": args.env_eval_temperature, "step": self.state.global_step}
         result = evaluation_result(
             records,
@@ -160,6 +176,7 @@ class EnvTrainingMixin:
             f"eval/{split}/success_ci_high": high,
             f"eval/{split}/mean_turns": result["mean_turns"],
             f"eval/{split}/episodes": float(result["num_episodes"]),
+            f"eval/{split}/weight_syncs": float(generator.weight_syncs),
         }
 
 

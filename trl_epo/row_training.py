@@ -25,6 +25,7 @@ from transformers import get_scheduler
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import nanstd, use_adapter
 
+from .importance import importance_ratios, mismatch_metrics, mismatch_sums
 from .packing import check_packed_forward, packed_rows_one_per_forward
 from .rows import (
     StepCounts,
@@ -33,7 +34,6 @@ from .rows import (
     episode_rows,
     filler_row,
     group_advantages,
-    importance_ratios,
     resolve_layout,
     schedule_rows,
     set_epo_weights,
@@ -167,17 +167,20 @@ class RowTrainingMixin:
         else:
             scale = accumulation * len(real) * processes / max(1.0, counts.rows)
         inputs["row_loss_scale"] = scale
-        if "sampling_per_token_logps" in inputs and "old_per_token_logps" in inputs and self._vllm_is_correction:
+        if self._vllm_is_correction:  # TRL's loss reads the ratio whenever the correction is on
             mask = inputs["completion_mask"] * inputs["tool_mask"]
-            inputs["importance_sampling_ratio"] = importance_ratios(
-                inputs["old_per_token_logps"],
-                inputs["sampling_per_token_logps"],
-                mask,
-                inputs["turn_ids"],
-                self.args.vllm_importance_sampling_mode,
-                self.args.vllm_importance_sampling_clip_min,
-                self.args.vllm_importance_sampling_clip_max,
-            )
+            if "sampling_per_token_logps" in inputs and "old_per_token_logps" in inputs:
+                inputs["importance_sampling_ratio"] = importance_ratios(
+                    inputs["old_per_token_logps"],
+                    inputs["sampling_per_token_logps"],
+                    mask,
+                    inputs["turn_ids"],
+                    self.args.env_importance_sampling,  # multi-turn safe; replaces TRL's vllm_importance_sampling_mode
+                    self.args.vllm_importance_sampling_clip_min,
+                    self.args.vllm_importance_sampling_clip_max,
+                )
+            else:  # filler rows (no action token): nothing to correct
+                inputs["importance_sampling_ratio"] = torch.ones_like(mask, dtype=torch.float32)
         if self._layout == "packed":
             check_packed_forward(self.model, inputs, self.args.env_packed_mask_limit_gb)
         return inputs
@@ -206,6 +209,8 @@ class RowTrainingMixin:
             set_epo_weights([r for micro in step for r in micro], step_counts[k], args.epo_entropy_aggregation)
         if updates > 1 or self.num_iterations > 1 or self._vllm_is_correction:
             self._row_logps(rows, "old_logps", self.model)
+            if self.use_vllm:
+                self._log_vllm_mismatch(rows)
         if self.beta != 0.0:
             self._row_logps(rows, "ref_logps", self.ref_model)
         self._log_rows(rewards, rows, counts)
@@ -278,6 +283,22 @@ class RowTrainingMixin:
                 for row, values in zip(chunk, logps.float().tolist()):
                     if row.episode >= 0:
                         setattr(row, attribute, values[len(values) - len(row.completion_ids) :])
+
+    def _log_vllm_mismatch(self, rows: list[TrainingRow]) -> None:
+        """`vllm/*`: the per-token trainer-vs-vLLM logprob gap of the rollout's action tokens (overall and per turn)
+        and the importance-sampling correction it gets (`trl_epo.importance`), over all processes."""
+        args = self.args
+        sums, largest = mismatch_sums(
+            rows,
+            self.env_rollout.config.max_turns,
+            args.env_importance_sampling,
+            args.vllm_importance_sampling_clip_min,
+            args.vllm_importance_sampling_clip_max,
+        )
+        sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
+        largest = self.accelerator.gather(torch.tensor([largest], device=self.accelerator.device)).max().item()
+        for key, value in mismatch_metrics(sums, largest).items():
+            self._metrics["train"][key].append(value)
 
     def _log_rows(self, rewards, rows, counts) -> None:
         metrics = self._metrics["train"]

@@ -16,7 +16,6 @@ each micro-batch is cut into forward chunks under a token budget. Every row is u
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -382,37 +381,3 @@ def collate(rows: Sequence[TrainingRow], pad_token_id: int, device=None) -> dict
         if all(v is not None for v in values):
             batch[key] = aligned(values, 0.0)
     return batch
-
-
-def importance_ratios(
-    old_logps: torch.Tensor,
-    sampling_logps: torch.Tensor,
-    mask: torch.Tensor,
-    turn_ids: torch.Tensor,
-    mode: str,
-    clip_min: float | None,
-    clip_max: float | None,
-) -> torch.Tensor:
-    """The vLLM-vs-trainer importance-sampling correction of a chunk, per token ``(B, L)``.
-
-    ``token_truncate`` / ``token_mask``: the per-token ratio ``exp(old - sampling)``, clipped to
-    [clip_min, clip_max] / zeroed outside it. ``turn_truncate`` / ``turn_mask``: one ratio per *turn* (the product of
-    the turn's token ratios), broadcast to its tokens. A multi-turn episode's whole-sequence product (TRL's
-    ``sequence_*`` modes on a packed or full-context row) multiplies thousands of ratios and masks or crushes long
-    episodes; a turn is the unit one sampling call produced. Tokens whose sampling logprob is NaN get ratio 1.
-    """
-    diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)
-    if mode.startswith("turn"):
-        slots = int(turn_ids.max().clamp(min=0).item()) + 1 if turn_ids.numel() else 1
-        index = turn_ids.clamp(min=0)
-        per_turn = torch.zeros(diff.size(0), slots, device=diff.device, dtype=diff.dtype)
-        per_turn.scatter_add_(1, index, diff)
-        diff = per_turn.gather(1, index)
-    elif not mode.startswith("token"):
-        raise ValueError(f"Unknown importance-sampling mode {mode!r}: use token_/turn_ + truncate/mask.")
-    ratio = torch.exp(diff)
-    low = -math.inf if clip_min is None else clip_min
-    high = math.inf if clip_max is None else clip_max
-    if mode.endswith("truncate"):
-        return ratio.clamp(min=low if clip_min is not None else None, max=high if clip_max is not None else None)
-    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)

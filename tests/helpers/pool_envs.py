@@ -85,3 +85,19 @@ class FaultyToyEnv(ToyEnv):
             if self.fault == "exit":
                 os._exit(17)
         return super().step(action)
+
+
+class CountdownEnv:
+    """Won after `task.variation` valid actions (any action is valid): episodes of chosen, different lengths."""
+
+    def reset(self, task):
+        self.left = TaskSpec.from_row(task).variation
+        return StepResult(observation=f"Act {self.left} times.", info={"task_description": "Count down."})
+
+    def step(self, action):
+        self.left -= 1
+        done = self.left <= 0
+        return StepResult(observation=f"{self.left} to go.", done=done, won=done)
+
+    def close(self):
+        pass

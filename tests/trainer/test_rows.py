@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from trl_epo.importance import importance_ratios
 from trl_epo.rows import (
     StepCounts,
     TrainingRow,
@@ -14,7 +15,6 @@ from trl_epo.rows import (
     collate,
     episode_rows,
     group_advantages,
-    importance_ratios,
     resolve_layout,
     schedule_rows,
     set_epo_weights,

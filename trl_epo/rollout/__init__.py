@@ -6,7 +6,8 @@
 
 Modules, one per step of the data flow: `config` (RolloutConfig and its mapping from EPOConfig), `chat` (chat-template
 pieces as token ids), `loop` (the turn loop), `generation` (HF generate with exact KV reuse), `backends` (the
-trainer's policy or vLLM), `episode` (Episode, RolloutStats, RolloutBatch).
+trainer's policy: HF generate or vLLM), `vllm` (TRL's vLLM backend made ragged-safe, one engine session per rollout),
+`episode` (Episode, RolloutStats, RolloutBatch).
 """
 
 from .backends import TrainerGenerator, TrainerPolicy

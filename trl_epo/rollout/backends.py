@@ -1,12 +1,11 @@
 """Generation with a trainer's policy: HF `generate` on the (unwrapped, gathered) training model, or TRL's vLLM
-backend. The trainer hands over what generation needs as a `TrainerPolicy` (explicit values, read-only); nothing here
-writes into the trainer.
+backend (`vllm.VLLMSession`: ragged-safe, one weight sync per rollout). The trainer hands over what generation needs
+as a `TrainerPolicy` (explicit values, read-only); nothing here writes into the trainer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 
 from .config import RolloutConfig
 from .generation import ModelGenerator
+from .vllm import VLLMSession
 
 
 @dataclass
@@ -28,7 +28,12 @@ class TrainerPolicy:
         eos_token_ids / pad_token_id: end-of-turn ids (an answer ends at the first) and the padding id.
         max_completion_length: the default completion-token budget of an episode.
         use_vllm / vllm_generation: TRL's vLLM backend, when used.
-        sync_weights: called once when a rollout starts (pushes the current weights to vLLM when they changed).
+        sync_weights: `sync_weights(force) -> bool`, called once when a rollout starts: pushes the current weights to
+            vLLM when they changed since the last push, or always with `force` (a sleeping engine discarded them);
+            returns whether it pushed.
+        max_context_tokens: the engine's maximum model length (prompt + answer), or None: a context with no room left
+            ends its episode as truncated ("context_limit") instead of reaching the engine.
+        vllm_sampling: vLLM sampling settings replacing TRL's training ones (e.g. evaluation's temperature).
         ds3_gather_for_generation / generation_kwargs / gradient_checkpointing_kwargs: TRL's
             `unwrap_model_for_generation` arguments.
         full_params: a context manager factory that makes the full parameters available (FSDP), or None.
@@ -42,7 +47,9 @@ class TrainerPolicy:
     max_completion_length: int
     use_vllm: bool = False
     vllm_generation: Any = None
-    sync_weights: Callable[[], None] | None = None
+    sync_weights: Callable[[bool], bool] | None = None
+    max_context_tokens: int | None = None
+    vllm_sampling: dict[str, Any] = field(default_factory=dict)
     ds3_gather_for_generation: bool = True
     generation_kwargs: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
@@ -52,8 +59,12 @@ class TrainerPolicy:
 class TrainerGenerator(ModelGenerator):
     """Generation with a trainer's policy: HF `generate` under TRL's `unwrap_model_for_generation` (entered once
     per rollout: under DeepSpeed ZeRO-3 the weights are gathered once per rollout, not once per turn), or TRL's vLLM
-    backend when `use_vllm=True` (weights synced once per rollout). Across processes, every process makes the same
-    number of generate calls, so collective backends (vLLM server, ZeRO-3 without gathering) never deadlock."""
+    backend when `use_vllm=True` (`VLLMSession`: weights synced once per rollout, the engine awake for the whole
+    rollout). Across processes, every process makes the same number of generate calls, so collective backends (vLLM
+    server, TP groups, ZeRO-3 without gathering) never deadlock.
+
+    Entering it again while entered is a no-op (evaluation holds one session over all its rollouts).
+    `weight_syncs` counts the weight syncs it made."""
 
     def __init__(self, policy: TrainerPolicy, config: RolloutConfig):
         self.policy = policy
@@ -66,6 +77,14 @@ class TrainerGenerator(ModelGenerator):
         self.default_budget = policy.max_completion_length
         self.show_progress = True
         self.reuse_kv_cache = config.reuse_kv_cache
+        self.max_context_tokens = policy.max_context_tokens if policy.use_vllm else None
+        self.weight_syncs = 0
+        self._session = None
+        if policy.use_vllm:
+            self._session = VLLMSession(
+                policy.vllm_generation, policy.accelerator, self.eos_token_ids, policy.vllm_sampling
+            )
+        self._depth = 0
         self._model = None
         self._stack = None
 
@@ -87,14 +106,34 @@ class TrainerGenerator(ModelGenerator):
         return bool(self.policy.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def __enter__(self):
+        self._depth += 1
+        if self._depth == 1:
+            try:
+                self._open()
+            except BaseException:
+                self._depth = 0
+                raise
+        return self
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth > 0:
+            self._cache_state = None  # a nested rollout is over: its KV cache goes
+            return
+        try:
+            if self._session is not None:
+                self._session.close()
+        finally:
+            super().__exit__(*exc)
+
+    def _open(self) -> None:
         from trl.models import unwrap_model_for_generation
 
         policy = self.policy
         self._stack = contextlib.ExitStack()
-        if policy.sync_weights is not None:
-            policy.sync_weights()
-        if policy.use_vllm:
-            return self
+        if self._session is not None:
+            self.weight_syncs += self._session.open(policy.sync_weights)
+            return
         self._model = self._stack.enter_context(
             unwrap_model_for_generation(
                 policy.model_wrapped,
@@ -107,25 +146,11 @@ class TrainerGenerator(ModelGenerator):
         self._stack.enter_context(torch.no_grad())
         if policy.full_params is not None:
             self._stack.enter_context(policy.full_params())
-        return self
 
     def generate(self, contexts, limits):
-        if self.policy.use_vllm:
-            return self._generate_vllm(contexts, limits)
-        return super().generate(contexts, limits)
-
-    def _generate_vllm(self, contexts, limits):
-        backend = self.policy.vllm_generation
+        if self._session is None:
+            return super().generate(contexts, limits)
+        if self._depth == 0:
+            raise RuntimeError("Use the generator as a context manager around the rollout (`with generator:`).")
         self.tokens_fed = sum(map(len, contexts))  # what vLLM's prefix cache spares is not visible here
-        saved = backend.max_completion_length
-        backend.max_completion_length = max(limits) if limits else 1
-        try:
-            _, completion_ids, logprobs, _ = backend.generate(prompts=contexts, images=None, num_generations=1)
-        finally:
-            backend.max_completion_length = saved
-        results = []
-        for ids, lps, limit in zip(completion_ids, logprobs or [None] * len(contexts), limits):
-            ids = list(ids)[:limit]
-            token_logprobs = [lp[0] for lp in lps][: len(ids)] if lps is not None else [math.nan] * len(ids)
-            results.append((ids, token_logprobs))
-        return results
+        return self._session.generate(contexts, limits)

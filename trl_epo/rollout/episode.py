@@ -122,6 +122,8 @@ class RolloutStats:
     time_generate: float = 0.0
     time_env: float = 0.0
     time_total: float = 0.0
+    weight_syncs: float = 0  # weight pushes to the generation engine (vLLM) during the rollout
+    context_limited: float = 0  # episodes ended because their context filled the engine's maximum model length
 
     @classmethod
     def of(cls, episodes: Sequence[Episode], timer: dict[str, float], counters: dict[str, int]) -> RolloutStats:
@@ -141,6 +143,8 @@ class RolloutStats:
             time_generate=timer["generate"],
             time_env=timer["env"],
             time_total=timer["total"],
+            weight_syncs=counters.get("weight_syncs", 0),
+            context_limited=sum(e.truncated == "context_limit" for e in episodes),
         )
 
     def to_list(self) -> list[float]:
@@ -181,7 +185,8 @@ class RolloutStats:
         return self.tokens_fed / max(1, self.final_tokens)
 
     def metrics(self, num_processes: int = 1) -> dict[str, float]:
-        """`rollout/*` metrics of counters summed over `num_processes` processes (times are per-process means)."""
+        """`rollout/*` metrics of counters summed over `num_processes` processes (times and weight syncs are
+        per-process means: every process takes part in the one collective sync)."""
         out = {
             "rollout/success_rate": self.success_rate,
             "rollout/mean_turns": self.mean_turns,
@@ -193,6 +198,8 @@ class RolloutStats:
             "rollout/time_other": self.time_other / num_processes,
             "rollout/generated_tokens_per_s": self.generated_tokens_per_s,
             "rollout/refeed_ratio": self.refeed_ratio,
+            "rollout/weight_syncs": self.weight_syncs / num_processes,
+            "rollout/context_limit_episodes": self.context_limited,
         }
         if self.has_paper_rule:
             out["rollout/success_rate_paper_rule"] = self.successes_paper_rule / max(1, self.episodes)

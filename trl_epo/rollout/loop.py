@@ -9,6 +9,10 @@ For a batch of tasks (a GRPO group's G members are the same task with the same s
 5. **observe**: appends each observation (the template's tokens around it, or a fresh windowed prompt), or ends the
    episode (done, turn limit, token budget, env failure);
 
+before each generate call, an episode with no room left ends as truncated: its token budget is spent
+("token_budget"), or its context fills the engine's maximum model length ("context_limit", `generator.
+max_context_tokens`, e.g. vLLM's `max_model_len`; an engine would raise on it);
+
 and repeats 2-5 until no episode is live, in waves of at most `pool_size` episodes. It returns a `RolloutBatch`.
 Nothing here knows about trainers: the generator is the policy, the batch is the result.
 """
@@ -38,7 +42,7 @@ class _Play:
     budget: int
     timer: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "env": 0.0, "total": 0.0})
     counters: dict[str, int] = field(
-        default_factory=lambda: {"generate_calls": 0, "tokens_fed": 0, "generated_tokens": 0}
+        default_factory=lambda: {"generate_calls": 0, "tokens_fed": 0, "generated_tokens": 0, "weight_syncs": 0}
     )
 
 
@@ -77,12 +81,14 @@ class MultiTurnRollout:
         )
         start = time.perf_counter()
         episodes: list[Episode] = []
+        syncs = getattr(generator, "weight_syncs", 0)
         with generator:  # e.g. ZeRO-3 weights gathered once for the whole rollout, not once per turn
             for wave_start in range(0, len(tasks), pool.size):
                 wave = tasks[wave_start : wave_start + pool.size]
                 upcoming = tasks[wave_start + pool.size : wave_start + 2 * pool.size]
                 episodes += self._play_wave(wave, upcoming, pool, state)
         state.timer["total"] = time.perf_counter() - start
+        state.counters["weight_syncs"] = getattr(generator, "weight_syncs", 0) - syncs
         stats = RolloutStats.of(episodes, state.timer, state.counters)
         self.last_batch = RolloutBatch(episodes, stats, config, state.marker)
         return self.last_batch
@@ -94,9 +100,7 @@ class MultiTurnRollout:
             live = [e for e in episodes if e.live]
             if not state.generator.any_live_anywhere(bool(live)):
                 break
-            for e in live:  # no room for one more generated token: truncated by the token budget
-                if len(e.completion_ids) >= state.budget:
-                    e.end(truncated="token_budget")
+            self._end_without_room(live, state)
             live = [e for e in live if e.live]
             outputs = self._generate(live, state)
             to_step = self._read_answers(live, outputs, turn, state)
@@ -136,10 +140,23 @@ class MultiTurnRollout:
             episodes.append(episode)
         return episodes
 
+    def _end_without_room(self, live: list[Episode], state: _Play) -> None:
+        """End the episodes with no room for one more generated token: the episode's token budget is spent, or its
+        context fills the engine's maximum model length."""
+        engine_limit = getattr(state.generator, "max_context_tokens", None)
+        for e in live:
+            if len(e.completion_ids) >= state.budget:
+                e.end(truncated="token_budget")
+            elif engine_limit is not None and len(e.context(self.config.windowed)) >= engine_limit:
+                e.end(truncated="context_limit")
+
     def _generate(self, live: list[Episode], state: _Play) -> list[tuple[list[int], list[float] | None]]:
         config = self.config
         contexts = [e.context(config.windowed) for e in live]
         limits = [min(config.max_turn_tokens, state.budget - len(e.completion_ids)) for e in live]
+        engine_limit = getattr(state.generator, "max_context_tokens", None)
+        if engine_limit is not None:  # prompt + answer must fit the engine's maximum model length
+            limits = [min(limit, engine_limit - len(c)) for limit, c in zip(limits, contexts)]
         t0 = time.perf_counter()
         outputs = state.generator.generate(contexts, limits)
         state.timer["generate"] += time.perf_counter() - t0
