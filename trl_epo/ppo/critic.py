@@ -25,24 +25,23 @@ VALUE_HEAD = "score"
 """The value head's module name in transformers' token-classification models (PEFT trains it as a whole module)."""
 
 
-def critic_init_kwargs(args) -> dict:
-    """`from_pretrained` keyword arguments of the critic: the policy's `model_init_kwargs`, one label, no dropout."""
+def critic_from_pretrained(path: str, args, quantization_config=None) -> nn.Module:
+    """A value model loaded from a checkpoint with the policy's `model_init_kwargs`: the backbone's weights, a fresh
+    value head, no dropout (ZeRO-3: loaded sharded)."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+    from trl.trainer.utils import create_model_from_path
+
     kwargs = dict(args.model_init_kwargs or {})
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         kwargs["device_map"] = None  # distributed training places models itself
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return dict(kwargs, num_labels=1, classifier_dropout=0.0)
-
-
-def critic_from_pretrained(path: str, args, quantization_config=None) -> nn.Module:
-    """A value model loaded from a checkpoint: the backbone's weights, a fresh value head (ZeRO-3: loaded sharded)."""
-    from transformers import AutoModelForTokenClassification
-    from trl.trainer.utils import create_model_from_path
-
-    kwargs = critic_init_kwargs(args)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    return create_model_from_path(path, architecture=AutoModelForTokenClassification, **kwargs)
+    config = AutoConfig.from_pretrained(
+        path, revision=kwargs.get("revision"), trust_remote_code=kwargs["trust_remote_code"], num_labels=1
+    )
+    config.classifier_dropout = 0.0
+    return create_model_from_path(path, architecture=AutoModelForTokenClassification, config=config, **kwargs)
 
 
 def critic_from_policy(policy: nn.Module, args) -> nn.Module:
@@ -80,7 +79,12 @@ def with_lora(critic: nn.Module, policy_peft_config) -> nn.Module:
     from peft import TaskType, get_peft_model
 
     config = copy.deepcopy(policy_peft_config)
-    config.task_type = TaskType.TOKEN_CLS  # PEFT then trains the `score` head as a whole (modules_to_save)
+    config.task_type = TaskType.TOKEN_CLS  # PEFT then trains the `score` head as a whole (modules_to_save) ...
+    excluded = getattr(config, "exclude_modules", None)  # ... so no LoRA inside it ("all-linear" would target it)
+    if isinstance(excluded, str):
+        config.exclude_modules = f"(?:{excluded})|(?:{VALUE_HEAD})"
+    else:
+        config.exclude_modules = sorted(set(excluded or ()) | {VALUE_HEAD})
     return get_peft_model(critic, config)
 
 
