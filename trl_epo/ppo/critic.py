@@ -88,6 +88,21 @@ def with_lora(critic: nn.Module, policy_peft_config) -> nn.Module:
     return get_peft_model(critic, config)
 
 
+def enable_activation_checkpointing(model: nn.Module, args) -> None:
+    """Activation (gradient) checkpointing for the critic when the run uses it for the policy, as `Trainer` enables
+    it (`activation_checkpointing_kwargs`: `every_n_layers`, `offload`, the rest for `torch.utils.checkpoint`)."""
+    if not getattr(args, "activation_checkpointing", args.gradient_checkpointing):
+        return
+    kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {})
+    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+        )
+    elif hasattr(model, "gradient_checkpointing_enable"):  # a value model outside transformers' PreTrainedModel
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
 def check_value_model(model: nn.Module) -> None:
     """A user-given value model must be a module with one output per position."""
     if not isinstance(model, nn.Module):

@@ -17,7 +17,14 @@ from ..rows import TrainingRow, collate
 from ..trainer import EPOTrainer
 from . import gae as G
 from .config import EPOPPOConfig
-from .critic import check_value_model, critic_from_policy, critic_from_pretrained, critic_values, with_lora
+from .critic import (
+    check_value_model,
+    critic_from_policy,
+    critic_from_pretrained,
+    critic_values,
+    enable_activation_checkpointing,
+    with_lora,
+)
 from .critic_engine import CRITIC_DIR, CriticEngine
 
 
@@ -74,10 +81,7 @@ class EPOPPOTrainer(EPOTrainer):
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         if args.disable_dropout:
             disable_dropout_in_model(value_model)
-        if args.gradient_checkpointing:
-            value_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-            )
+        enable_activation_checkpointing(value_model, args)
         self.critic = CriticEngine(value_model)
         self._critic_sums: torch.Tensor | None = None  # the optimizer step's value loss and clipped share, so far
 
