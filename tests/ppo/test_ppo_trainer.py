@@ -164,6 +164,9 @@ def test_a_ppo_epo_run_logs_critic_and_epo_metrics_and_trains_both_models(
     saved = AutoModelForTokenClassification.from_pretrained(tmp_path / "final" / "critic")
     for name, value in saved.state_dict().items():
         assert torch.equal(value, trainer.critic.model.state_dict()[name]), name
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "EPOPPOTrainer" in card and "L_PPO" in card and "### PPO critic settings" in card and "`vf_coef`" in card
 
 
 def test_the_critic_learns_task_constant_rewards(tokenizer, make_model, tmp_path):
