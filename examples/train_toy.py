@@ -36,7 +36,8 @@ TINY = "tiny"
 
 @dataclass
 class ToyScriptArguments:
-    """Arguments of this script (the training and model arguments are `EPOConfig` and TRL's `ModelConfig`)."""
+    """Arguments of this script (the training and model arguments are `EPOConfig`, or `EPOPPOConfig` with
+    `--trainer ppo`, and TRL's `ModelConfig`)."""
 
     trainer: str = field(default="grpo", metadata={"help": TRAINER_HELP, "choices": ["grpo", "ppo"]})
     env_split: str = field(default="train", metadata={"help": "Toy split to train on: 'train', 'iid' or 'ood'."})
@@ -110,9 +111,8 @@ def prepare_tiny_model(script_args: ToyScriptArguments, training_args) -> str:
 
 def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **trainer_kwargs):
     """The trainer of this script (`--trainer`: EPOTrainer or EPOPPOTrainer), following TRL's conventions: the model
-    is loaded by the trainer from
-    `model_args.model_name_or_path` with `model_init_kwargs`, `quantization_config` and `peft_config` built by TRL's
-    `get_quantization_config` / `get_peft_config` from the `ModelConfig` flags."""
+    is loaded by the trainer from `model_args.model_name_or_path` with `model_init_kwargs`, `quantization_config` and
+    `peft_config` built by TRL's `get_quantization_config` / `get_peft_config` from the `ModelConfig` flags."""
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
