@@ -20,8 +20,8 @@ def trainer_classes(name: str) -> tuple[type, type]:
     """``(config class, trainer class)`` of a trainer name."""
     if name not in TRAINERS:
         raise ValueError(f"Unknown trainer {name!r}; supported: {sorted(TRAINERS)}.")
-    config_module, config_name, trainer_module, trainer_name_ = TRAINERS[name]
-    return getattr(import_module(config_module), config_name), getattr(import_module(trainer_module), trainer_name_)
+    config_module, config_class, trainer_module, trainer_class = TRAINERS[name]
+    return getattr(import_module(config_module), config_class), getattr(import_module(trainer_module), trainer_class)
 
 
 def trainer_name(argv: Sequence[str] | None = None, default: str = "grpo") -> str:
