@@ -266,3 +266,33 @@ def test_a_lora_policy_gets_a_lora_critic_on_its_own_frozen_base(tokenizer, make
     assert any(not torch.equal(before[k], after[k]) for k in trainable if "score" in k)
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "critic" / "adapter_model.safetensors").exists()
+
+
+def test_example_scripts_pick_the_trainer_from_the_flag_or_the_config(tmp_path):
+    import os
+    import sys
+
+    from trl import ModelConfig, TrlParser
+
+    from trl_epo.trainers import trainer_classes, trainer_name
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert trainer_classes("ppo") == (EPOPPOConfig, EPOPPOTrainer) and trainer_name([]) == "grpo"
+    assert trainer_name(["--trainer", "ppo"]) == trainer_name(["--trainer=ppo"]) == "ppo"
+    with pytest.raises(ValueError, match="supported"):
+        trainer_classes("a2c")
+    sys.path.insert(0, os.path.join(repo, "examples"))
+    try:
+        from train_sciworld import SciWorldTrainArguments
+    finally:
+        sys.path.pop(0)
+    for name, processes in (("sciworld_qwen2.5-7b_ppo.yaml", 4), ("sciworld_ppo_tiny.yaml", 1)):
+        argv = ["--config", os.path.join(repo, "examples", "configs", name), "--bf16", "false", "--use_cpu", "true"]
+        assert trainer_name(argv) == "ppo"  # `trainer: ppo` in the file
+        config_cls, _ = trainer_classes(trainer_name(argv))
+        script, args, _ = TrlParser((SciWorldTrainArguments, config_cls, ModelConfig)).parse_args_and_config(argv)
+        assert isinstance(args, EPOPPOConfig) and script.trainer == "ppo" and args.num_generations == 1
+        # episodes per rollout = per_device_train_batch_size x processes x K x gradient_accumulation_steps
+        episodes = args.per_device_train_batch_size * processes * args.env_updates * args.gradient_accumulation_steps
+        assert episodes == (128 if processes == 4 else 8)
+        assert args.env_sample_layout == "step" and args.gamma == args.lam == 1.0
