@@ -93,6 +93,18 @@ def test_the_critic_starts_from_the_policy_or_is_the_value_model_given(tokenizer
     assert make_trainer(make_model(), ppo_args(tmp_path), tokenizer=tokenizer, value_model=given).critic.model is given
     with pytest.raises(ValueError, match="num_labels=1"):
         make_trainer(make_model(), ppo_args(tmp_path), tokenizer=tokenizer, value_model=value_model(2))
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    pooled = make_trainer(
+        make_model(),
+        ppo_args(tmp_path),
+        tokenizer=tokenizer,
+        value_model=AutoModelForSequenceClassification.from_config(config),
+    )
+    with pytest.raises(ValueError, match="one value per position"):
+        pooled._row_values(episode_rows(0, [1, 2], [5, 6], [1, 1], [0, 0], None, "step"))
     with pytest.raises(ValueError, match="env_factory"):
         EPOPPOTrainer(make_model(), args=ppo_args(tmp_path), train_dataset=make_dataset("train", 4))
 

@@ -126,10 +126,15 @@ def critic_values(critic, inputs: dict[str, torch.Tensor], marker: list[int] | N
     with autocast():
         output = critic(**row_model_inputs(input_ids, attention_mask, marker), use_cache=False)
     logits = output.logits if hasattr(output, "logits") else output[0]
-    if logits.dim() == 3:
-        if logits.size(-1) != 1:
-            raise ValueError(f"The critic returned {logits.size(-1)} values per position; it must return one.")
+    shape = tuple(logits.shape)
+    if logits.dim() == 3 and logits.size(-1) == 1:
         logits = logits.squeeze(-1)
+    if logits.shape != input_ids.shape:
+        raise ValueError(
+            f"The critic returned values of shape {shape} for inputs of shape {tuple(input_ids.shape)}: it must "
+            "return one value per position (a token-classification model with num_labels=1, not a "
+            "sequence-classification one)."
+        )
     width = inputs["completion_ids"].size(1)
     return logits[:, -width - 1 : -1].float()
 
