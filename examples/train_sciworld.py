@@ -3,6 +3,8 @@
 Paper settings (Qwen2.5-7B-Instruct; edit the config for your GPUs):
 
     accelerate launch examples/train_sciworld.py --config examples/configs/sciworld_qwen2.5-7b.yaml
+    # PPO + EPO (a critic with GAE; `--trainer ppo`, also read from the config's `trainer: ppo`)
+    accelerate launch examples/train_sciworld.py --trainer ppo --config examples/configs/sciworld_qwen2.5-7b_ppo.yaml
 
 Offline quickstart on a CPU (a tiny model and tokenizer built locally, warm-started on gold paths, then a few EPO
 steps and a success evaluation; about 10 minutes on 2 cores):
@@ -38,12 +40,14 @@ from trl_epo.envs.sciworld import (
     to_prompt_completion,
 )
 from trl_epo.rollout import RolloutConfig
+from trl_epo.trainers import TRAINER_HELP, trainer_classes, trainer_name
 
 
 @dataclass
 class SciWorldTrainArguments:
     """Tasks, environment settings, optional warm start and the final evaluation."""
 
+    trainer: str = field(default="grpo", metadata={"help": TRAINER_HELP, "choices": ["grpo", "ppo"]})
     train_split: str = field(default="train", metadata={"help": "Training split (train, train_seen_types, ...)."})
     num_train_tasks: int | None = field(default=None, metadata={"help": "Draw this many training tasks (None: all)."})
     task_types: list[str] | None = field(default=None, metadata={"help": "Only these task types (default: all)."})
@@ -168,7 +172,8 @@ def eval_datasets(script_args: SciWorldTrainArguments, train_tasks, task_kwargs)
 
 
 def main(argv: list[str] | None = None) -> EPOTrainer:
-    parser = TrlParser((SciWorldTrainArguments, EPOConfig, ModelConfig))
+    config_cls, trainer_cls = trainer_classes(trainer_name(argv))  # EPOConfig/EPOTrainer or EPOPPOConfig/EPOPPOTrainer
+    parser = TrlParser((SciWorldTrainArguments, config_cls, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     check_java()
     log = PartialState().print  # main process only
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> EPOTrainer:
         model = warm_start(model, tokenizer, expert, script_args, training_args)
 
     evaluation = eval_datasets(script_args, train_tasks, task_kwargs)
-    trainer = EPOTrainer(
+    trainer = trainer_cls(
         model,
         args=training_args,
         train_dataset=dataset,

@@ -9,6 +9,9 @@ offline (`trl_epo.models`); any Hub id or local path works too.
 
     # one process (CPU)
     python examples/train_toy.py --model_name_or_path tiny --output_dir out/toy --bf16 false --use_cpu
+    # PPO + EPO (a critic with GAE instead of GRPO's groups; EPOPPOConfig's flags, e.g. --critic_learning_rate)
+    python examples/train_toy.py --trainer ppo --model_name_or_path tiny --output_dir out/toy-ppo --bf16 false \
+        --use_cpu --num_generations 1
     # LoRA / QLoRA
     python examples/train_toy.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --use_peft --lora_r 16 \
         --lora_target_modules all-linear [--load_in_4bit] --output_dir out/toy-lora
@@ -23,6 +26,8 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 
+from trl_epo.trainers import TRAINER_HELP, trainer_classes, trainer_name
+
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -32,8 +37,10 @@ TINY = "tiny"
 
 @dataclass
 class ToyScriptArguments:
-    """Arguments of this script (the training and model arguments are `EPOConfig` and TRL's `ModelConfig`)."""
+    """Arguments of this script (the training and model arguments are `EPOConfig`, or `EPOPPOConfig` with
+    `--trainer ppo`, and TRL's `ModelConfig`)."""
 
+    trainer: str = field(default="grpo", metadata={"help": TRAINER_HELP, "choices": ["grpo", "ppo"]})
     env_split: str = field(default="train", metadata={"help": "Toy split to train on: 'train', 'iid' or 'ood'."})
     num_tasks: int = field(default=16, metadata={"help": "Number of toy tasks (dataset rows) in the training set."})
     task_seed: int = field(default=0, metadata={"help": "Seed that draws the toy tasks."})
@@ -104,12 +111,11 @@ def prepare_tiny_model(script_args: ToyScriptArguments, training_args) -> str:
 
 
 def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **trainer_kwargs):
-    """The EPOTrainer of this script, following TRL's conventions: the model is loaded by the trainer from
-    `model_args.model_name_or_path` with `model_init_kwargs`, `quantization_config` and `peft_config` built by TRL's
-    `get_quantization_config` / `get_peft_config` from the `ModelConfig` flags."""
+    """The trainer of this script (`--trainer`: EPOTrainer or EPOPPOTrainer), following TRL's conventions: the model
+    is loaded by the trainer from `model_args.model_name_or_path` with `model_init_kwargs`, `quantization_config` and
+    `peft_config` built by TRL's `get_quantization_config` / `get_peft_config` from the `ModelConfig` flags."""
     from trl import get_peft_config, get_quantization_config
 
-    from trl_epo import EPOTrainer
     from trl_epo.envs.toy import ToyEnv, make_dataset
 
     if model_args.model_name_or_path is None:
@@ -144,7 +150,8 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
             split: make_dataset(split, script_args.num_eval_tasks, seed=script_args.task_seed + 1)
             for split in script_args.eval_splits
         }
-    return EPOTrainer(
+    _, trainer_cls = trainer_classes(script_args.trainer)
+    return trainer_cls(
         model_path,
         args=training_args,
         train_dataset=dataset,
@@ -171,12 +178,12 @@ def main(script_args: ToyScriptArguments, training_args, model_args) -> None:
     trainer.end()  # finish trackers and destroy the process group
 
 
-def make_parser():
+def make_parser(argv: list[str] | None = None):
+    """The parser of this script, reading the training flags into the config of the `--trainer` in `argv`."""
     from trl import ModelConfig, TrlParser
 
-    from trl_epo import EPOConfig
-
-    return TrlParser((ToyScriptArguments, EPOConfig, ModelConfig))
+    config_cls, _ = trainer_classes(trainer_name(argv))
+    return TrlParser((ToyScriptArguments, config_cls, ModelConfig))
 
 
 if __name__ == "__main__":

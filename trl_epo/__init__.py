@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "EPOConfig": "trl_epo.config",
     "EPOTrainer": "trl_epo.trainer",
+    "EPOPPOConfig": "trl_epo.ppo.config",
+    "EPOPPOTrainer": "trl_epo.ppo.trainer",
     "EntropyReference": "trl_epo.objective",
     "corridor_penalty": "trl_epo.objective",
     "phase_weight": "trl_epo.objective",
@@ -25,6 +27,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from .config import EPOConfig  # noqa: F401
     from .objective import EntropyReference, corridor_penalty, phase_weight, trajectory_mean, trajectory_weights  # noqa: F401
+    from .ppo import EPOPPOConfig, EPOPPOTrainer  # noqa: F401
     from .trainer import EPOTrainer  # noqa: F401
 
 

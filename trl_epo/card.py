@@ -38,6 +38,16 @@ BASE_SETTINGS = (
     "bf16",
     "seed",
 )
+# PPO + EPO (EPOPPOTrainer): the critic's settings.
+PPO_SETTINGS = (
+    "critic_learning_rate",
+    "vf_coef",
+    "cliprange_value",
+    "gamma",
+    "lam",
+    "whiten_advantages",
+    "critic_model_name_or_path",
+)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -122,6 +132,7 @@ def training_summary(trainer) -> dict[str, Any]:
         "epo": {k: v for k, v in settings.items() if k.startswith("epo_")},
         "env": {k: v for k, v in settings.items() if k.startswith("env_")},
         "base": {k: settings[k] for k in BASE_SETTINGS if k in settings},
+        "ppo": {k: settings[k] for k in PPO_SETTINGS if k in settings} if hasattr(trainer, "critic") else None,
         "tasks": dataset_tasks(trainer.train_dataset),
         "eval_tasks": dataset_tasks(trainer.eval_dataset) if trainer.eval_dataset is not None else None,
         "reference": {
@@ -175,12 +186,20 @@ def epo_card_section(
 ) -> str:
     """The markdown of the card's "EPO training" section."""
     out = [CARD_SECTION_TITLE, ""]
+    if summary.get("ppo"):
+        base, loss = (
+            "`EPOPPOTrainer` (PPO: a learned critic gives per-token advantages by GAE over the action tokens): the "
+            "clipped PPO loss",
+            "L_PPO",
+        )
+    else:
+        base, loss = "TRL's `GRPOTrainer`: the GRPO loss", "L_GRPO"
     out.append(
         "This model was trained with **EPO** (Entropy-regularized Policy Optimization, "
         f"[arXiv 2509.22576]({PAPER_URL})) "
-        "as a multi-turn text agent, with `trl_epo` on top of TRL's `GRPOTrainer`: the GRPO loss plus a "
+        f"as a multi-turn text agent, with `trl_epo` on top of {base} plus a "
         "trajectory-level entropy bonus and an entropy-smoothing corridor around a historical entropy reference, "
-        "weighted by a phase schedule (`L = L_GRPO − λ·L_H + λ·β_k·L_smooth`)."
+        f"weighted by a phase schedule (`L = {loss} − λ·L_H + λ·β_k·L_smooth`)."
     )
     out.append("")
     adapter, quantization = summary.get("adapter"), summary.get("quantization")
@@ -224,6 +243,9 @@ def epo_card_section(
 
     out += ["### Base RL settings", ""]
     out += [_table(["setting", "value"], [(f"`{k}`", v) for k, v in summary["base"].items()]), ""]
+    if summary.get("ppo"):
+        out += ["### PPO critic settings", ""]
+        out += [_table(["setting", "value"], [(f"`{k}`", v) for k, v in summary["ppo"].items()]), ""]
 
     reference = summary["reference"]
     out += ["### Entropy reference at the end of training", ""]

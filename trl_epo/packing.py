@@ -75,20 +75,23 @@ def block_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
     return index - last_start
 
 
+def row_model_inputs(input_ids, attention_mask, marker: list[int] | None) -> dict[str, torch.Tensor]:
+    """A model's inputs for training rows, with the positions generation used: packed rows (a block `marker`) restart
+    them at every block and go without a 2D mask (transformers keeps the blocks apart from the positions); plain rows
+    count them from their first real token (`generate` derives them from the attention mask the same way), so a
+    left-padded row is scored exactly as it was sampled, whatever the padding."""
+    if marker is not None:
+        return {"input_ids": input_ids, "position_ids": block_position_ids(input_ids, attention_mask, marker)}
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
 def row_logps_and_entropies(
     model, input_ids, attention_mask, logits_to_keep, compute_entropy, compute_aux_loss, marker, autocast
 ):
     """The per-token logprobs (and entropies, with their graph) of training rows, through TRL's fused LM head, with
-    the positions generation used: packed rows (a block `marker`) restart them at every block and go without a 2D
-    mask (transformers keeps the blocks apart from the positions); plain rows count them from their first real token
-    (`generate` derives them from the attention mask the same way), so a left-padded row is scored exactly as it was
-    sampled, whatever the padding."""
-    if marker is not None:
-        position_ids = block_position_ids(input_ids, attention_mask, marker)
-        inputs = {"input_ids": input_ids, "position_ids": position_ids}
-    else:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    the positions generation used (`row_model_inputs`)."""
+    inputs = row_model_inputs(input_ids, attention_mask, marker)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, :-logits_to_keep] = -100
     extra = {"output_router_logits": True} if compute_aux_loss else {}

@@ -104,15 +104,14 @@ class RowTrainingMixin:
         return loss
 
     # ---- a micro-step: forward/backward chunks under the token budget
-    def _chunks(self, rows: list[TrainingRow]) -> list[list[TrainingRow]]:
-        """The rows in forward chunks, the same number on every process (filler rows pad the short ones)."""
+    def _chunks(self, rows: list[TrainingRow], token_budget: int | None = None) -> list[list[TrainingRow]]:
+        """The rows in forward chunks of at most `token_budget` tokens (None: `env_forward_token_budget`), the same
+        number on every process (filler rows pad the short ones)."""
+        budget = self.args.env_forward_token_budget if token_budget is None else token_budget
         if self._layout == "packed" and packed_rows_one_per_forward(self.model):
             chunks = [[row] for row in rows]
         else:
-            chunks = [
-                [rows[i] for i in c]
-                for c in token_chunks([r.length for r in rows], self.args.env_forward_token_budget)
-            ]
+            chunks = [[rows[i] for i in c] for c in token_chunks([r.length for r in rows], budget)]
         count = torch.tensor([len(chunks)], device=self.accelerator.device)
         count = int(self.accelerator.gather(count).max().item()) if self.accelerator.num_processes > 1 else len(chunks)
         filler = filler_row(self.processing_class.pad_token_id)
@@ -308,31 +307,18 @@ class RowTrainingMixin:
             metrics[f"rewards/{name}/std"].append(nanstd(per_func[:, i]).item())
         metrics["reward"].append(torch.nanmean(rewards).item())
         metrics["reward_std"].append(nanstd(rewards).item())
-        grouped = rewards.view(-1, self.num_generations)
-        zero_std = (nanstd(grouped, dim=1) == 0) | torch.isnan(nanstd(grouped, dim=1))
-        metrics["frac_reward_zero_std"].append(zero_std.float().mean().item())
+        if self.num_generations > 1:  # groups (GRPO): the share whose rewards all agree (advantage 0)
+            grouped = rewards.view(-1, self.num_generations)
+            zero_std = (nanstd(grouped, dim=1) == 0) | torch.isnan(nanstd(grouped, dim=1))
+            metrics["frac_reward_zero_std"].append(zero_std.float().mean().item())
         metrics["rollout/rows"].append(float(counts[:, 0].sum()))
         metrics["rollout/action_tokens"].append(float(counts[:, 1].sum()))
 
     # ---- the learning-rate schedule, and resuming inside a rollout
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        updates = self.args.steps_per_generation // self.args.gradient_accumulation_steps
-        if self.lr_scheduler is not None or not (self.args.env_lr_per_rollout and updates > 1):
+        if self.lr_scheduler is not None or not per_rollout_schedule(self.args):
             return super().create_scheduler(num_training_steps, optimizer)
-        rollouts = math.ceil(num_training_steps / updates)
-        scheduler = get_scheduler(
-            self.args.lr_scheduler_type,
-            optimizer=optimizer or self.optimizer,
-            num_warmup_steps=self.args.get_warmup_steps(rollouts),
-            num_training_steps=rollouts,
-            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
-        )
-        if not isinstance(scheduler, LambdaLR):
-            raise ValueError(
-                f"env_lr_per_rollout supports the LambdaLR schedules of transformers; {self.args.lr_scheduler_type!r} "
-                "is not one: pick e.g. 'cosine', 'linear', 'constant_with_warmup' or 'cosine_with_min_lr'."
-            )
-        scheduler.lr_lambdas = [_PerRollout(fn, updates) for fn in scheduler.lr_lambdas]
+        scheduler = lr_scheduler_of(self.args, optimizer or self.optimizer, num_training_steps)
         self.lr_scheduler, self._created_lr_scheduler = scheduler, True
         return scheduler
 
@@ -365,6 +351,36 @@ class RowTrainingMixin:
             )
         state = torch.load(path, weights_only=False)
         self._row_buffer = state["buffer"]
+
+
+def per_rollout_schedule(args) -> bool:
+    """Whether the LR schedule steps once per rollout (`env_lr_per_rollout` with K > 1 updates per rollout)."""
+    return bool(args.env_lr_per_rollout and args.steps_per_generation // args.gradient_accumulation_steps > 1)
+
+
+def lr_scheduler_of(args, optimizer, num_training_steps: int):
+    """The LR schedule of `args` (`lr_scheduler_type`, warm-up, `lr_scheduler_kwargs`) for `optimizer` over
+    `num_training_steps` optimizer steps, as `Trainer.create_scheduler` builds it; with `per_rollout_schedule` it
+    advances once per rollout of K steps (its warm-up and length counted in rollouts)."""
+    updates = args.steps_per_generation // args.gradient_accumulation_steps
+    per_rollout = per_rollout_schedule(args)
+    steps = math.ceil(num_training_steps / updates) if per_rollout else num_training_steps
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.get_warmup_steps(steps),
+        num_training_steps=steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    if not per_rollout:
+        return scheduler
+    if not isinstance(scheduler, LambdaLR):
+        raise ValueError(
+            f"env_lr_per_rollout supports the LambdaLR schedules of transformers; {args.lr_scheduler_type!r} "
+            "is not one: pick e.g. 'cosine', 'linear', 'constant_with_warmup' or 'cosine_with_min_lr'."
+        )
+    scheduler.lr_lambdas = [_PerRollout(fn, updates) for fn in scheduler.lr_lambdas]
+    return scheduler
 
 
 def _first_answer(messages: list[dict[str, str]]) -> int:

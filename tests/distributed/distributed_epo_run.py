@@ -123,6 +123,34 @@ class Probe:
         RowTrainingMixin._chunk_inputs = recording_chunk_inputs
 
 
+def critic_report(trainer, path: str) -> dict | None:
+    """PPO runs: the critic's parameters as this process sees them (ZeRO-3: gathered), saved to `path`
+    (safetensors) and summarised by a digest of their exact bytes. None without a critic."""
+    import contextlib
+    import hashlib
+
+    critic = getattr(trainer, "critic", None)
+    if critic is None:
+        return None
+    named = list(critic.model.named_parameters())
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for _, p in named):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in named])
+    from safetensors.torch import save_file
+
+    digest = hashlib.sha256()
+    values = {}
+    with gather:
+        for name, p in named:
+            values[name] = p.detach().float().cpu().clone().contiguous()
+            digest.update(values[name].numpy().tobytes())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(values, path)
+    return {"digest": digest.hexdigest(), "path": path}
+
+
 def make_uneven(trainer, training_args):
     """Process 0 gets a smaller episode token budget, so its episodes are cut after 2 turns while process 1's play 3,
     as when one process draws longer episodes: the rollout must keep the processes in lockstep (under ZeRO-3,
@@ -148,11 +176,13 @@ def main():
     import torch
     from train_toy import build_trainer, make_parser
 
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    script_args, training_args, model_args = make_parser(argv).parse_args_and_config(args=argv)
     trainer = build_trainer(script_args, training_args, model_args)
     if uneven_turns:
         make_uneven(trainer, training_args)
     n_params = len(list(trainer.model.parameters()))
+    rank = trainer.accelerator.process_index
+    initial_critic = critic_report(trainer, os.path.join(report_dir, f"critic_initial_rank{rank}.safetensors"))
     trainer.train()
     trained = {
         "reference": trainer.epo_reference.state_dict(),
@@ -162,6 +192,11 @@ def main():
         "local_steps": probe.local_steps,
         "rows_scheduled": [len(ids) for ids in probe.rows_scheduled],
         "rows_trained_once": sorted(probe.rows_trained) == sorted(i for ids in probe.rows_scheduled for i in ids),
+        "critic": critic_report(trainer, os.path.join(report_dir, f"critic_trained_rank{rank}.safetensors")),
+        "initial_critic": initial_critic,
+        "critic_logs": [
+            {k: v for k, v in h.items() if k.startswith("critic/")} for h in trainer.state.log_history if "loss" in h
+        ],
     }
     trainer.save_model(training_args.output_dir)
     if export_dir is not None:  # PEFT runs: the adapter alone and the merged model (ZeRO-3 gathers for both)
@@ -176,7 +211,7 @@ def main():
     # Resume a fresh trainer from the first checkpoint and finish the run again. Fresh arguments reset accelerate's
     # process state (a second Accelerator cannot take a DeepSpeed plugin), as a new launch would.
     probe.rollouts, probe.local_steps, probe.rows_scheduled, probe.rows_trained = [], [], [], []
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    script_args, training_args, model_args = make_parser(argv).parse_args_and_config(args=argv)
     checkpoint = os.path.join(training_args.output_dir, "checkpoint-1")
     resumed = build_trainer(script_args, training_args, model_args)
     if uneven_turns:
@@ -194,6 +229,12 @@ def main():
             "global_step": resumed.state.global_step,
             "rollouts": probe.rollouts,
             "rows_trained": len(probe.rows_trained),
+            "critic": critic_report(resumed, os.path.join(report_dir, f"critic_resumed_rank{rank}.safetensors")),
+            "critic_logs": [
+                {k: v for k, v in h.items() if k.startswith("critic/")}
+                for h in resumed.state.log_history
+                if "loss" in h
+            ],
         },
         "torch_threads": torch.get_num_threads(),
     }

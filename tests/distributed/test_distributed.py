@@ -310,3 +310,71 @@ def test_processes_that_would_train_alone_fail_clearly(tmp_path, config, drop_ba
     assert result.returncode != 0
     assert message in result.stderr and advice in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+PPO_FLAGS = [
+    "--trainer",
+    "ppo",
+    "--num_generations",
+    "1",  # PPO plays distinct tasks
+    "--num_tasks",
+    "32",  # more than one rollout per epoch (resuming at an epoch boundary would replay other tasks)
+    "--critic_learning_rate",
+    "1e-3",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, zero_stage, extra",
+    [
+        ("multi_gpu.yaml", 0, ["--use_cpu", "true", "--gradient_accumulation_steps", "2"]),
+        ("zero2.yaml", 2, ["--gradient_accumulation_steps", "2"]),
+        (
+            "zero3.yaml",
+            3,
+            ["--env_history_turns", "1", "--env_updates_per_rollout", "2", "--per_device_train_batch_size", "2"],
+        ),
+    ],
+    ids=["ddp-cpu-gradient-accumulation", "zero2-gradient-accumulation", "zero3-step-rows-2-updates-per-rollout"],
+)
+def test_ppo_critic_is_identical_on_both_processes(tmp_path, config, zero_stage, extra):
+    """PPO + EPO on 2 processes: DDP and ZeRO-2 with gradient accumulation, and ZeRO-3 with one row per turn and 2
+    optimizer steps per rollout (the checkpoint falls inside the rollout). The critic (DDP-wrapped, or its own ZeRO-3 engine)
+    trains, ends with the same parameters on both processes (ZeRO-3: gathered), logs the same reduced metrics, and is
+    restored from the checkpoint with its optimizer and schedule: the resumed run ends with the same critic."""
+    output_dir = tmp_path / "run"
+    reports = launch(config, output_dir, [*PPO_FLAGS, *extra])
+    r0, r1 = reports[0], reports[1]
+    assert r0["zero_stage"] == r1["zero_stage"] == zero_stage
+    for report in (r0, r1):
+        trained = report["trained"]
+        assert trained["global_step"] == 2 and len(trained["losses"]) == 2
+        assert all(math.isfinite(x) for x in trained["losses"])
+        assert trained["rows_trained_once"]
+        logs = trained["critic_logs"]
+        assert len(logs) == 2 and all(math.isfinite(log["critic/value_loss"]) for log in logs)
+        assert all("critic/clipfrac" in log and "critic/grad_norm" in log for log in logs)
+    assert r0["trained"]["losses"] == r1["trained"]["losses"]
+    assert r0["trained"]["critic_logs"] == r1["trained"]["critic_logs"]
+    # The critic: identical on both processes, before and after training, and changed by it.
+    assert r0["trained"]["initial_critic"]["digest"] == r1["trained"]["initial_critic"]["digest"]
+    assert r0["trained"]["critic"]["digest"] == r1["trained"]["critic"]["digest"]
+    assert r0["trained"]["critic"]["digest"] != r0["trained"]["initial_critic"]["digest"]
+    trained = tensors(r0["trained"]["critic"]["path"])
+    assert all(torch.equal(trained[k], v) for k, v in tensors(r1["trained"]["critic"]["path"]).items())
+    # Resumed from checkpoint-1 (critic weights, optimizer and schedule restored): the same losses and critic metrics
+    # for step 2, and exactly the same critic at the end.
+    for report in (r0, r1):
+        resumed = report["resumed"]
+        assert resumed["global_step"] == 2
+        assert resumed["losses"] == report["trained"]["losses"]
+        assert resumed["critic_logs"][1] == report["trained"]["critic_logs"][1]
+        assert resumed["critic"]["digest"] == report["trained"]["critic"]["digest"]
+    checkpoint = output_dir / "checkpoint-1"
+    assert (checkpoint / "critic" / "scheduler.pt").exists()
+    if zero_stage:
+        assert (checkpoint / "critic_engine").is_dir()  # the critic engine's own DeepSpeed checkpoint
+        assert (checkpoint / "latest").read_text().strip() == "global_step1"  # the policy engine's, untouched
+    else:
+        assert (checkpoint / "critic" / "optimizer.pt").exists()
