@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from trl import ModelConfig, TrlParser
 
-from trl_epo import EPOConfig
+from trl_epo.trainers import trainer_classes
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,9 +27,11 @@ def script_arguments(name: str):
 def test_config_parses(config, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     script = "train_alfworld" if config.stem.startswith("alfworld") else "train_sciworld"
-    parser = TrlParser((script_arguments(script), EPOConfig, ModelConfig))
+    trainer = "ppo" if "ppo" in config.stem else "grpo"  # the config's `trainer:` key picks EPOPPOConfig
+    config_class, _ = trainer_classes(trainer)
+    parser = TrlParser((script_arguments(script), config_class, ModelConfig))
     _, args, _ = parser.parse_args_and_config(["--config", str(config), "--use_cpu", "true", "--bf16", "false"])
     if "qwen2.5" in config.stem:  # the paper configs: the reference's optimisation shape
         assert args.env_history_turns == 2 and args.env_sample_layout in (None, "step")
-        assert args.env_updates == 16 and args.env_lr_per_rollout
+        assert args.env_updates == (32 if trainer == "ppo" else 16) and args.env_lr_per_rollout
         assert args.max_steps % args.env_updates == 0

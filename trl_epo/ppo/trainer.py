@@ -154,7 +154,8 @@ class EPOPPOTrainer(EPOTrainer):
                 )
                 for row, row_values in zip(chunk, values.tolist()):
                     if row.episode >= 0:
-                        row.extra["old_values"] = row_values[: len(row.completion_ids)]
+                        # a row's completion is the last len(completion) columns of the chunk's region (`collate`)
+                        row.extra["old_values"] = row_values[len(row_values) - len(row.completion_ids) :]
 
     def _invalid_turn_penalty(self, batch) -> float:
         """The reward an invalid turn costs (`env_invalid_action_penalty` x the env reward's weight), or 0 when the
@@ -275,11 +276,12 @@ def default_critic(model, args: EPOPPOConfig, peft_config=None, quantization_con
 
 
 def _pad_extra(rows: list[TrainingRow], key: str, device) -> torch.Tensor:
-    """A per-token row value (`row.extra[key]`, 0 where a row has none: filler rows) as a right-padded (B, C)."""
+    """A per-token row value (`row.extra[key]`, 0 where a row has none: filler rows) as a (B, C) tensor aligned as
+    `trl_epo.rows.collate` aligns completions: a row's values fill the last ``len(values)`` columns."""
     width = max(len(r.completion_ids) for r in rows)
     out = torch.zeros(len(rows), width, dtype=torch.float32)
     for i, row in enumerate(rows):
         values = row.extra.get(key)
         if values:
-            out[i, : len(values)] = torch.as_tensor(values, dtype=torch.float32)
+            out[i, width - len(values) :] = torch.as_tensor(values, dtype=torch.float32)
     return out.to(device)
