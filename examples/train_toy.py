@@ -22,7 +22,6 @@ offline (`trl_epo.models`); any Hub id or local path works too.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -69,33 +68,12 @@ class ToyScriptArguments:
     )
 
 
-@contextlib.contextmanager
-def whole_model_init(training_args):
-    """Create models whole, on one process, even when DeepSpeed ZeRO-3 is configured.
-
-    Under ZeRO-3, transformers partitions every model it creates with `deepspeed.zero.Init`, a collective that all
-    processes must join; the tiny model is built by the main process alone (the others wait), so the ZeRO-3 config is
-    hidden from transformers meanwhile and restored afterwards (the trainer then loads the saved model partitioned).
-    """
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    plugin = getattr(training_args, "deepspeed_plugin", None)
-    config = getattr(plugin, "dschf", None)  # the object behind transformers' ZeRO-3 switch (accelerate keeps it)
-    if config is None:
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(config)
-
-
 def prepare_tiny_model(script_args: ToyScriptArguments, training_args) -> str:
     """Build the tiny model and tokenizer and save them, once (main process first), so that the trainer loads them
     from a path like any other model (with `--load_in_4bit`, `--dtype`, ZeRO-3 partitioned loading...)."""
     from accelerate import PartialState
 
+    from trl_epo.distributed import whole_model_init
     from trl_epo.tiny import build_tiny_model, build_tiny_tokenizer
 
     path = script_args.tiny_model_dir or os.path.join(training_args.output_dir, "_tiny_base")

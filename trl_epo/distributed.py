@@ -1,6 +1,8 @@
-"""Distributed setup checks: fail fast when processes would silently train alone."""
+"""Distributed setup: fail fast when processes would silently train alone; build models whole under ZeRO-3."""
 
 from __future__ import annotations
+
+import contextlib
 
 
 def check_process_group(accelerator) -> None:
@@ -29,3 +31,24 @@ def check_process_group(accelerator) -> None:
             "config): gradients and EPO statistics would not be synchronised. Without GPUs train data-parallel on the "
             "CPU with `--use_cpu` (gloo), or use a DeepSpeed config with `--ddp_backend gloo`."
         )
+
+
+@contextlib.contextmanager
+def whole_model_init(args):
+    """Create models whole (not partitioned) while DeepSpeed ZeRO-3 is configured in `args`.
+
+    Under ZeRO-3, transformers partitions every model it creates with `deepspeed.zero.Init`, a collective that all
+    processes must join. A model built by one process alone (a tiny base model), or one whose weights are copied in
+    after creation (a critic initialised from the policy), must be created whole: the ZeRO-3 config is hidden from
+    transformers meanwhile and restored afterwards; DeepSpeed partitions the model when it is prepared."""
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    config = getattr(getattr(args, "deepspeed_plugin", None), "dschf", None)  # behind transformers' ZeRO-3 switch
+    if config is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)

@@ -18,6 +18,7 @@ import os
 import torch
 from torch import nn
 
+from ..distributed import whole_model_init
 from ..packing import row_model_inputs
 
 
@@ -59,7 +60,7 @@ def critic_from_policy(policy: nn.Module, args) -> nn.Module:
     config.num_labels, config.classifier_dropout = 1, 0.0
     config.architectures = None
     dtype = next(base.parameters()).dtype
-    with _whole_model_init(args):
+    with whole_model_init(args):
         critic = AutoModelForTokenClassification.from_config(
             config, dtype=dtype, attn_implementation=config._attn_implementation
         )
@@ -179,20 +180,3 @@ def _backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
                 continue
             state[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value.detach().clone()
     return state
-
-
-@contextlib.contextmanager
-def _whole_model_init(args):
-    """Create a model whole even when DeepSpeed ZeRO-3 is configured (transformers would shard it at creation, and
-    then its weights could not be copied in); DeepSpeed shards it when it is prepared."""
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    config = getattr(getattr(args, "deepspeed_plugin", None), "dschf", None)
-    if config is None:
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(config)
