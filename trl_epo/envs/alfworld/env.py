@@ -19,6 +19,7 @@ translates the games an env will play next in a background thread, ahead of need
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import queue
 import threading
@@ -215,8 +216,15 @@ class AlfWorldEnv:
             done=self.done,
             won=self.won,
             admissible_actions=self.admissible_actions() if self.list_actions else None,
-            info={"score": 100.0 if self.won else 0.0, "turn": self.turns},
+            info={"score": 100.0 if self.won else 0.0, "turn": self.turns, "anchor": self.state_key()},
         )
+
+    def state_key(self) -> str:
+        """GiGPO's anchor key: a digest of the world state (the engine's facts, sorted). The engine's feedback
+        describes the last action ("You pick up the apple 1 ...", "Nothing happens.") rather than the state, so equal
+        texts can be different states and one state can follow different texts; equal facts are the same state."""
+        facts = "\n".join(sorted(str(fact) for fact in self._engine.facts()))
+        return "alfworld:" + hashlib.sha1(facts.encode()).hexdigest()[:20]
 
 
 def _prefetch_loop(jobs: queue.Queue, cache: CompiledGameCache) -> None:

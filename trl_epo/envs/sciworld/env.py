@@ -341,8 +341,18 @@ class ScienceWorldEnv:
                 "turns": episode.turns,
                 "task": episode.spec.task,
                 "variation": episode.spec.variation,
+                "anchor": self._state_key() if not episode.done else "sciworld:done",
             },
         )
+
+    def _state_key(self) -> str:
+        """GiGPO's anchor key: the room (a free `look`) and the inventory, each line-sorted, and the score. A step's
+        reply describes the action ("The door is now open."), not the state, and the look lists a room's contents in
+        an order that is not canonical."""
+        server = self._jvm.server
+        look = sorted(line.strip() for line in str(server.freeActionLook()).splitlines() if line.strip())
+        inventory = sorted(line.strip() for line in str(server.freeActionInventory()).splitlines() if line.strip())
+        return "\n".join(look + ["--- inventory"] + inventory + [f"--- score {self._episode.score}"])
 
     def _decorate(self, text: str) -> str:
         episode = self._episode
