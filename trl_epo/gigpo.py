@@ -23,10 +23,9 @@ Episodes whose reward is NaN (an excluded env failure) get 0 on every turn and j
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
 
 
 ADVANTAGE_ESTIMATORS = ("grpo", "gigpo")
@@ -62,25 +61,23 @@ def anchor_groups(keys: Sequence[str], similarity: float | None = None) -> list[
     `similarity`, a key joins the first group whose first member has a `difflib` ratio >= `similarity` with it."""
     ids: list[int] = []
     exact: dict[str, int] = {}
-    firsts: list[str] = []
+    firsts: list[difflib.SequenceMatcher] = []  # one matcher per group, its first member analysed once (seq2)
     for key in keys:
         group = exact.get(key)
         if group is None and similarity is not None:
-            group = next((g for g, first in enumerate(firsts) if _similar(key, first, similarity)), None)
+            group = next((g for g, first in enumerate(firsts) if _similar(first, key, similarity)), None)
         if group is None:
             group = len(firsts)
-            firsts.append(key)
+            firsts.append(difflib.SequenceMatcher(None, b=key, autojunk=False))
         exact.setdefault(key, group)
         ids.append(group)
     return ids
 
 
-def _similar(a: str, b: str, threshold: float) -> bool:
-    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+def _similar(first: difflib.SequenceMatcher, key: str, threshold: float) -> bool:
+    first.set_seq1(key)
     # the cheap upper bounds first: most pairs are far apart
-    return (
-        matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold and matcher.ratio() >= threshold
-    )
+    return first.real_quick_ratio() >= threshold and first.quick_ratio() >= threshold and first.ratio() >= threshold
 
 
 def step_advantages(returns: Sequence[float], groups: Sequence[int], norm: str) -> tuple[list[float], list[int]]:
@@ -98,12 +95,13 @@ def step_advantages(returns: Sequence[float], groups: Sequence[int], norm: str) 
             sizes[i] = len(turns)
         if len(turns) < 2:
             continue
-        values = torch.tensor([returns[i] for i in turns], dtype=torch.float64)
-        centred = values - values.mean()
+        values = [returns[i] for i in turns]  # plain floats: thousands of small groups per step
+        mean = sum(values) / len(values)
+        scale = 1.0
         if norm == "mean_std_norm":
-            centred = centred / (values.std() + STEP_EPS)
-        for i, value in zip(turns, centred.tolist()):
-            advantages[i] = value
+            scale = 1.0 / (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) + STEP_EPS)
+        for i, value in zip(turns, values):
+            advantages[i] = (value - mean) * scale
     return advantages, sizes
 
 
@@ -173,7 +171,10 @@ def gigpo_advantages(
         all_steps += steps
         for (i, t), step in zip(where, steps):
             result[i][t] = float(episode_advantages[i]) + step_weight * step
-    spread = float(torch.tensor(all_steps, dtype=torch.float64).std()) if len(all_steps) > 1 else 0.0
+    spread = 0.0
+    if len(all_steps) > 1:
+        mean = sum(all_steps) / len(all_steps)
+        spread = math.sqrt(sum((v - mean) ** 2 for v in all_steps) / (len(all_steps) - 1))
     return result, GiGPOStats(step_groups, turns_total, anchored, spread)
 
 
