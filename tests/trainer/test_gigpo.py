@@ -194,8 +194,8 @@ def test_per_token_advantages_reach_the_loss_with_every_loss_type(tokenizer, mak
         return inputs
 
     monkeypatch.setattr(RowTrainingMixin, "_chunk_inputs", chunk_inputs)
-    for loss_type in ("grpo", "dapo", "bnpo"):
-        args = gigpo_args(tmp_path / loss_type, env_sample_layout="packed", loss_type=loss_type)
+    for loss_type, epo in (("grpo", 1e-3), ("dapo", 1e-3), ("bnpo", 0.0)):  # EPO on, and off
+        args = gigpo_args(tmp_path / loss_type, env_sample_layout="packed", loss_type=loss_type, epo_entropy_coef=epo)
         trainer = EPOTrainer(
             make_model(),
             args=args,
