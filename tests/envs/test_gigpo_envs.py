@@ -93,3 +93,8 @@ def test_gigpo_with_epo_trains_a_step_on_sciworld(tokenizer, make_model, tmp_pat
     episodes = trainer.env_rollout.last_batch.episodes
     keys = [k for e in episodes for k in e.anchor_keys()]
     assert keys and all("--- inventory" in k or k == "sciworld:done" for k in keys)
+    env = ScienceWorldEnv(max_turns=2, show_objects=False, show_action_templates="never", state_keys=False)
+    try:
+        assert "anchor" not in env.reset(dataset[0]).info  # no JVM calls for keys nobody reads
+    finally:
+        env.close()
