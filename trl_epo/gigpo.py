@@ -1,21 +1,22 @@
 """GiGPO: group-in-group advantages of multi-turn episodes (Feng et al., "Group-in-Group Policy Optimization for LLM
 Agent Training", arXiv 2505.10978). Pure functions on all processes' episodes; the trainer gathers, calls, and
-broadcasts the per-turn results to its rows (`trl_epo.rows.turn_advantage_rows`).
+broadcasts the per-turn results to its rows (`set_turn_advantages`). The paper's quantities, by its symbols:
 
-Within a group of G episodes that share a reset (the same task and seed):
+within a group of G episodes that share a reset (the same task and seed),
 
-* **episode part** (Eq. 4 of the paper): the GRPO advantage of each episode's outcome in its group, exactly what
+* **episode relative advantage** A^E(tau_i): the GRPO advantage of each episode's outcome in its group, exactly what
   `trl_epo.rows.group_advantages` computes for GRPO (`scale_rewards`, `env_advantage_baseline`; "rows" weighs each
   episode by its turns, verl-agent's `compute_mean_std_cross_steps`);
-* **anchor-state groups** (Eq. 6): the turns of the group whose *current environment observation* (the anchor key,
+* **anchor-state groups** G^S(s~): the turns of the group whose *current environment observation* (the anchor key,
   never the windowed prompt) is the same form one step group; a state visited twice in one episode puts both turns
   in it. Optional similarity anchors merge keys whose `difflib` ratio is at least a threshold, greedily against each
   group's first member (verl-agent's `similarity_thresh`);
-* **step returns** (Eq. 7): ``R_t = sum_{k >= t} gamma^(k - t) r_k`` over the per-turn rewards of the episode (outcome
-  on the last turn, invalid-answer penalties on their turns: `turn_rewards`);
-* **step advantage** (Eq. 8): ``R_t - mean`` ("mean_norm", verl-agent's default) or ``(R_t - mean) / (std + eps)``
-  ("mean_std_norm", its ALFWorld 1.5B script) within the step group; a singleton step group gets 0;
-* **final** (Eq. 9): ``A_t = A_episode + omega * A_step``.
+* **discounted step return** R_t: ``R_t = sum_{k >= t} gamma^(k - t) r_k`` over the per-turn rewards of the episode
+  (outcome on the last turn, invalid-answer penalties on their turns: `turn_rewards`);
+* **step relative advantage** A^S(a_t): ``R_t - mean`` ("mean_norm", verl-agent's default) or
+  ``(R_t - mean) / (std + eps)`` ("mean_std_norm", its ALFWorld 1.5B script) within the step group; a singleton step
+  group gets 0;
+* **group-in-group advantage**: ``A(a_t) = A^E(tau) + omega * A^S(a_t)``.
 
 Episodes whose reward is NaN (an excluded env failure) get 0 on every turn and join no step group.
 """
@@ -47,7 +48,7 @@ def turn_rewards(reward: float, invalid: Sequence[bool], penalty: float) -> list
 
 
 def step_returns(rewards: Sequence[float], gamma: float) -> list[float]:
-    """Eq. 7: the discounted return from each turn on, ``R_t = r_t + gamma * R_{t+1}``."""
+    """R_t: the discounted return from each turn on, ``R_t = r_t + gamma * R_{t+1}``."""
     returns = [0.0] * len(rewards)
     following = 0.0
     for t in range(len(rewards) - 1, -1, -1):
@@ -57,7 +58,7 @@ def step_returns(rewards: Sequence[float], gamma: float) -> list[float]:
 
 
 def anchor_groups(keys: Sequence[str], similarity: float | None = None) -> list[int]:
-    """Eq. 6: the step group of every key, numbered in order of first appearance. Identical keys share a group; with
+    """G^S: the step group of every key, numbered in order of first appearance. Identical keys share a group; with
     `similarity`, a key joins the first group whose first member has a `difflib` ratio >= `similarity` with it."""
     ids: list[int] = []
     exact: dict[str, int] = {}
@@ -81,7 +82,7 @@ def _similar(first: difflib.SequenceMatcher, key: str, threshold: float) -> bool
 
 
 def step_advantages(returns: Sequence[float], groups: Sequence[int], norm: str) -> tuple[list[float], list[int]]:
-    """Eq. 8: each turn's return normalised within its step group; returns (advantages, size of each turn's group).
+    """A^S: each turn's return normalised within its step group; returns (advantages, size of each turn's group).
     Unbiased std, as verl-agent (`torch.std`)."""
     if norm not in STEP_NORMS:
         raise ValueError(f"Unknown GiGPO step normalisation {norm!r}; supported: {list(STEP_NORMS)}.")
@@ -138,8 +139,8 @@ def gigpo_advantages(
     similarity: float | None = None,
     invalid_penalty: float = 0.0,
 ) -> tuple[list[list[float]], GiGPOStats]:
-    """Eq. 9: the advantage of every turn of N episodes (all processes', in TRL's order: groups of `num_generations`
-    consecutive episodes). `episode_advantages[i]` is episode i's GRPO advantage, `rewards[i]` its reward (NaN:
+    """A = A^E + omega * A^S: the advantage of every turn of N episodes (all processes', in TRL's order: groups of
+    `num_generations` consecutive episodes). `episode_advantages[i]` is episode i's GRPO advantage, `rewards[i]` its reward (NaN:
     excluded), `anchors[i][t]` the anchor key of its turn t, `invalid[i][t]` whether that answer was invalid
     (penalised by `invalid_penalty` on that turn). Returns (per-episode lists of per-turn advantages, stats)."""
     n = len(rewards)
@@ -235,8 +236,8 @@ def assign_gigpo(
     rows, rewards, episode_advantages, turns, first: int, num_generations: int, args, penalty: float
 ) -> GiGPOStats:
     """GiGPO's per-turn advantages (EPOConfig `args`: `env_gigpo_*`; `penalty`: the rollout's invalid-answer penalty)
-    of all processes' episodes (`turns`: `episode_turns` of every process, in TRL's order), set on this process's `rows` (its episodes
-    start at global index `first`)."""
+    of all processes' episodes (`turns`: `episode_turns` of every process, in TRL's order), set on this process's
+    `rows` (its episodes start at global index `first`)."""
     per_turn, stats = gigpo_advantages(
         episode_advantages.tolist(),
         rewards.tolist(),
