@@ -142,7 +142,8 @@ def gigpo_advantages(
     """A = A^E + omega * A^S: the advantage of every turn of N episodes (all processes', in TRL's order: groups of
     `num_generations` consecutive episodes). `episode_advantages[i]` is episode i's GRPO advantage, `rewards[i]` its
     reward (NaN: excluded), `anchors[i][t]` the anchor key of its turn t, `invalid[i][t]` whether that answer was
-    invalid (penalised by `invalid_penalty` on that turn). Returns (per-episode lists of per-turn advantages, stats)."""
+    invalid (penalised by `invalid_penalty` on that turn). Returns (per-episode lists of per-turn advantages,
+    stats)."""
     n = len(rewards)
     if n % num_generations:
         raise ValueError(f"{n} episodes do not form groups of {num_generations}.")
