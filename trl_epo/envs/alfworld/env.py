@@ -222,9 +222,9 @@ class AlfWorldEnv:
 
     def state_key(self) -> str:
         """GiGPO's anchor key: a digest of the world state, the engine's fluent facts (the predicates the game's
-        actions change; negated facts left out), sorted. The engine's feedback describes the last action ("You pick up the
-        apple 1 ...", "Nothing happens.") rather than the state: equal texts can be different states, and one state
-        can follow different texts."""
+        actions change; negated facts left out), sorted. The engine's feedback describes the last action ("You pick
+        up the apple 1 ...", "Nothing happens.") rather than the state: equal texts can be different states, and one
+        state can follow different texts."""
         static = self._static_predicates
         facts = sorted(
             str(f) for f in self._engine.facts() if f.name.lower() not in static and not f.name.startswith("not_")
