@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .gigpo import check_gigpo_settings
+from .gigpo import ADVANTAGE_ESTIMATORS, ANCHOR_SOURCES, STEP_NORMS, check_gigpo_settings
 from .group_filter import check_filter_settings
 from .importance import IMPORTANCE_SAMPLING_MODES
 from .objective import AGGREGATIONS, PHASE_SCHEDULES, REFERENCE_MODES, SMOOTHING_MODES
@@ -263,12 +263,15 @@ class EPOConfig(GRPOConfig):
     )
     env_advantage_estimator: str = field(
         default="grpo",
-        metadata={"help": "'grpo' or 'gigpo' (+ anchor-state step advantages).", "choices": ["grpo", "gigpo"]},
+        metadata={
+            "help": "'grpo' or 'gigpo' (+ anchor-state step advantages).",
+            "choices": list(ADVANTAGE_ESTIMATORS),
+        },
     )
     env_gigpo_gamma: float = field(default=0.95, metadata={"help": "GiGPO: discount of the step returns."})
     env_gigpo_step_weight: float = field(default=1.0, metadata={"help": "GiGPO: omega, weight of the step advantage."})
     env_gigpo_step_norm: str = field(
-        default="mean_norm", metadata={"help": "GiGPO step normalisation.", "choices": ["mean_norm", "mean_std_norm"]}
+        default="mean_norm", metadata={"help": "GiGPO step normalisation.", "choices": list(STEP_NORMS)}
     )
     env_gigpo_similarity: float | None = field(
         default=None, metadata={"help": "GiGPO: merge anchors with a difflib ratio >= this (None: exact)."}
@@ -277,7 +280,7 @@ class EPOConfig(GRPOConfig):
         default="env",
         metadata={
             "help": "GiGPO anchor key: 'env' (info['anchor']) or 'observation'.",
-            "choices": ["env", "observation"],
+            "choices": list(ANCHOR_SOURCES),
         },
     )
     env_filter_groups: bool = field(
