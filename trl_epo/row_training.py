@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import nanstd, use_adapter
 
+from .gigpo import assign_gigpo, episode_turns
+from .group_filter import filter_groups, refill_task_rows
 from .importance import importance_ratios, mismatch_metrics, mismatch_sums
 from .packing import check_packed_forward, packed_rows_one_per_forward
 from .rows import (
@@ -193,15 +195,27 @@ class RowTrainingMixin:
     # ---- a rollout: play, score, cut into rows, schedule
     def _score_rollout(self, inputs: list[dict[str, Any]]) -> list[MicroBatch]:
         args, accelerator = self.args, self.accelerator
-        batch = self._play_rollout_batch(inputs)
-        episodes = batch.episodes
-        self._packed_block_marker = batch.block_marker if self._layout == "packed" else None
-        rewards = self._episode_rewards(inputs, batch)
-        layout = self._layout
-        rows: list[TrainingRow] = []
-        for i, e in enumerate(episodes):
-            rows += episode_rows(i, e.prompt_ids, e.completion_ids, e.env_mask, e.turn_ids, e.logprobs, layout)
-        self._assign_advantages(rows, rewards, batch)
+        if args.env_filter_groups:  # dynamic sampling (`trl_epo.group_filter`): informative groups of extra rollouts
+            played = []
+
+            def play(task_rows):
+                played.append(self._rollout_rows(task_rows))
+                return played[-1][:2]
+
+            def refill(attempt: int):
+                seed = f"env_filter_groups/{args.seed}/{self.state.global_step}/{attempt}"
+                rank = (accelerator.process_index, accelerator.num_processes)
+                return refill_task_rows(self.train_dataset, len(inputs), self.num_generations, seed, *rank)
+
+            rows, stats = filter_groups(
+                play, inputs, refill, self.num_generations, args.env_filter_max_rollouts, accelerator.process_index
+            )
+            rewards = torch.cat([r for _, r, _ in played])
+            self._last_rewards_per_func = torch.cat([p for _, _, p in played])
+            for key, value in stats.metrics().items():
+                self._metrics["train"][key].append(value)
+        else:
+            rows, rewards, _ = self._rollout_rows(inputs)
         updates = args.steps_per_generation // args.gradient_accumulation_steps
         deal = derive_seed(args.seed, self.state.global_step, accelerator.process_index)  # owned: no global RNG
         steps, local_counts = schedule_rows(rows, updates, args.gradient_accumulation_steps, seed=deal)
@@ -218,13 +232,25 @@ class RowTrainingMixin:
         self._log_rows(rewards, rows, counts)
         return [MicroBatch(micro, step_counts[k]) for k, step in enumerate(steps) for micro in step]
 
+    def _rollout_rows(self, inputs: list[dict[str, Any]]) -> tuple[list[TrainingRow], torch.Tensor, torch.Tensor]:
+        """Play one rollout of this process's task rows; its rows with their advantages, all processes' rewards, and
+        the rewards per reward function."""
+        batch = self._play_rollout_batch(inputs)
+        self._packed_block_marker = batch.block_marker if self._layout == "packed" else None
+        rewards = self._episode_rewards(inputs, batch)
+        rows: list[TrainingRow] = []
+        for i, e in enumerate(batch.episodes):
+            rows += episode_rows(i, e.prompt_ids, e.completion_ids, e.env_mask, e.turn_ids, e.logprobs, self._layout)
+        self._assign_advantages(rows, rewards, batch)
+        return rows, rewards, self._last_rewards_per_func
+
     def _assign_advantages(self, rows: list[TrainingRow], rewards: torch.Tensor, batch) -> None:
         """GRPO: each episode's advantage from its group's baseline (`env_advantage_baseline`), on all its rows.
         `rewards` holds all processes' episodes in TRL's order; `rows` are this process's. A critic-based trainer
         overrides this (per-token advantages: a list per row)."""
-        accelerator = self.accelerator
-        local_rows = torch.tensor(
-            [sum(r.episode == i for r in rows) for i in range(len(batch.episodes))],
+        accelerator, gigpo = self.accelerator, self.args.env_advantage_estimator == "gigpo"
+        local_rows = torch.tensor(  # GiGPO: turns (= step rows) in every layout, so that layouts agree
+            [max(1, e.turns) if gigpo else sum(r.episode == i for r in rows) for i, e in enumerate(batch.episodes)],
             dtype=torch.float32,
             device=accelerator.device,
         )
@@ -236,6 +262,14 @@ class RowTrainingMixin:
             accelerator.gather(local_rows),
         )
         first = accelerator.process_index * len(batch.episodes)
+        if gigpo:  # per-turn advantages (`trl_epo.gigpo`) from all processes' turns
+            turns = episode_turns(batch.episodes, self.args.env_gigpo_anchor)
+            turns = gather_object(turns) if accelerator.num_processes > 1 else turns
+            penalty = batch.config.invalid_action_penalty
+            stats = assign_gigpo(rows, rewards, advantages, turns, first, self.num_generations, self.args, penalty)
+            for key, value in stats.metrics().items():
+                self._metrics["train"][key].append(value)
+            return
         local = advantages[first : first + len(batch.episodes)].tolist()
         for row in rows:
             row.advantage = local[row.episode]

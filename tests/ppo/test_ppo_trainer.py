@@ -64,7 +64,14 @@ def test_config_allows_one_generation_per_task_and_checks_the_critic_settings(tm
     assert args.critic_lr == 1e-3 and ppo_args(tmp_path, critic_learning_rate=None).critic_lr == args.learning_rate
     with pytest.raises(ValueError, match="at least 2 generations"):  # GRPO still needs its groups
         EPOConfig(**base_config_kwargs(tmp_path, num_generations=1))
-    for bad in (dict(gamma=1.5), dict(lam=-0.1), dict(cliprange_value=0.0), dict(vf_coef=0.0)):
+    for bad in (
+        dict(gamma=1.5),
+        dict(lam=-0.1),
+        dict(cliprange_value=0.0),
+        dict(vf_coef=0.0),
+        dict(env_advantage_estimator="gigpo"),  # the critic's GAE gives the advantages
+        dict(env_filter_groups=True),  # one episode per task: no group to filter
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ppo_args(tmp_path, **bad)
 

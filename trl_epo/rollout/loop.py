@@ -132,6 +132,7 @@ class MultiTurnRollout:
             episode.observation_text = style.observation_text(result)
             episode.logprobs = [] if state.generator.returns_logprobs else None
             episode.score = float(result.info.get("score", 0.0) or 0.0)
+            episode.env_observation, episode.env_anchor = result.observation, result.info.get("anchor")
             if result.env_error is not None:
                 episode.end(error=result.env_error)
             elif result.done:  # solved or over at reset: nothing to learn from, but keep it well-formed
@@ -181,6 +182,8 @@ class MultiTurnRollout:
             e.messages.append({"role": "assistant", "content": text})
             action = fmt.parse(text)
             e.actions.append(action)
+            e.observations.append(e.env_observation)
+            e.anchors.append(e.env_anchor)
             e.history.append((e.observation_text, action if action is not None else INVALID_HISTORY_ACTION))
             e.closed_with = state.tokenizer.decode(ids[-1:]) if ids and ids[-1] in eos else None
             if action is None:
@@ -207,6 +210,7 @@ class MultiTurnRollout:
                 continue
             else:
                 e.score = float(result.info.get("score", e.score) or 0.0)
+                e.env_observation, e.env_anchor = result.observation, result.info.get("anchor")
                 if result.info.get("invalid_action"):
                     e.info["env_invalid_actions"] = e.info.get("env_invalid_actions", 0) + 1
                 if result.done:
