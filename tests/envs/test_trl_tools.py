@@ -123,13 +123,16 @@ def test_epo_trains_one_step_on_a_trl_environment(tool_tokenizer, tmp_path):
         build_tiny_model(tool_tokenizer),
         args=args,
         train_dataset=make_dataset(guess_rows([3, 5, 2, 7])),
+        eval_dataset=make_dataset(guess_rows([4, 6]), split="iid"),
         processing_class=tool_tokenizer,
         env_factory=TRLEnvironment(GuessEnv),
     )
     try:
         trainer.train()
+        evaluated = trainer.evaluate()  # success with its Wilson interval, on the same adapter
     finally:
         trainer.close_envs()
+    assert evaluated["eval/iid/episodes"] == 2 and 0 <= evaluated["eval/iid/success_ci_low"] <= 1
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 1 and "epo/entropy" in logged[0] and logged[0]["rollout/env_error_episodes"] == 0
     prompt = tool_tokenizer.decode(trainer.env_rollout.last_batch.episodes[0].prompt_ids)
