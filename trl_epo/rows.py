@@ -386,6 +386,10 @@ def collate(rows: Sequence[TrainingRow], pad_token_id: int, device=None) -> dict
     }
     for key, attribute in optional.items():
         values = [getattr(r, attribute) for r in rows]
+        if key == "sampling_per_token_logps" and any(v is not None for v in values):
+            # Per row: a row without sampling logprobs (an episode that failed at reset: no action token; a filler
+            # row) counts as sampled by the trainer's policy (ratio 1); the other rows of its chunk keep theirs.
+            values = [v if v is not None else r.old_logps for v, r in zip(values, rows)]
         if all(v is not None for v in values):
             batch[key] = aligned(values, 0.0)
     return batch
