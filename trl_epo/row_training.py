@@ -25,6 +25,7 @@ from transformers import get_scheduler
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import nanstd, use_adapter
 
+from . import row_buffer
 from .importance import importance_ratios, mismatch_metrics, mismatch_sums
 from .packing import check_packed_forward, packed_rows_one_per_forward
 from .rows import (
@@ -41,7 +42,8 @@ from .rows import (
 )
 
 
-ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.pt"
+ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.safetensors"  # `trl_epo.row_buffer`: tensors + JSON, no pickle
+LEGACY_ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.pt"  # older releases' pickle: refused, never loaded
 PER_SEQUENCE_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # TRL normalises these per row, then per micro-batch
 PER_TOKEN_LOSSES = ("bnpo",)  # per action token of the micro-batch
 GLOBAL_TOKEN_LOSSES = ("dapo", "cispo", "vespo")  # per action token of the step, through `num_items_in_batch`
@@ -325,13 +327,13 @@ class RowTrainingMixin:
     def _save_row_buffer(self, folder: str) -> None:
         """Inside a rollout's K updates, the rollout's remaining micro-batches go into the checkpoint (one file per
         process), so that a resumed run trains on exactly the rows the uninterrupted one would."""
-        cycle = self.args.steps_per_generation
+        # A rollout lasts K updates times TRL's num_iterations passes over its rows.
+        cycle = self.args.steps_per_generation * self.num_iterations
         if not self._row_mode or self._row_buffer is None or self._step % cycle == 0:
             return
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, ROW_BUFFER_NAME.format(rank=self.accelerator.process_index))
-        torch.save({"step": self._step, "buffer": self._row_buffer}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        row_buffer.save(path, self._step, self._row_buffer)
 
     def _load_row_buffer(self, checkpoint: str) -> None:
         if not self._row_mode:
@@ -339,18 +341,24 @@ class RowTrainingMixin:
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
             global_step = json.load(f)["global_step"]
         self._step = global_step * self.args.gradient_accumulation_steps
-        if self._step % self.args.steps_per_generation == 0:
+        if self._step % (self.args.steps_per_generation * self.num_iterations) == 0:
             return
         path = os.path.join(checkpoint, ROW_BUFFER_NAME.format(rank=self.accelerator.process_index))
+        legacy = os.path.join(checkpoint, LEGACY_ROW_BUFFER_NAME.format(rank=self.accelerator.process_index))
+        if not os.path.exists(path) and os.path.exists(legacy):
+            raise ValueError(
+                f"{legacy} is a pickled row buffer (older trl_epo); loading it could run arbitrary code, so it is not "
+                "loaded. Resume from a checkpoint at a rollout boundary, or one written by this version."
+            )
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"{checkpoint} was saved inside a rollout (step {global_step} of a rollout of "
-                f"{self.args.steps_per_generation // self.args.gradient_accumulation_steps} updates) but {path} is "
+                f"{self.args.steps_per_generation // self.args.gradient_accumulation_steps * self.num_iterations} "
+                f"updates) but {path} is "
                 "missing, so the rollout's remaining rows are lost. Resume from a checkpoint at a rollout boundary, or "
                 "with the same number of processes that wrote this one."
             )
-        state = torch.load(path, weights_only=False)
-        self._row_buffer = state["buffer"]
+        _, self._row_buffer = row_buffer.load(path)
 
 
 def per_rollout_schedule(args) -> bool:

@@ -372,7 +372,7 @@ def test_ppo_critic_is_identical_on_both_processes(tmp_path, config, zero_stage,
         assert resumed["critic_logs"][1] == report["trained"]["critic_logs"][1]
         assert resumed["critic"]["digest"] == report["trained"]["critic"]["digest"]
     checkpoint = output_dir / "checkpoint-1"
-    assert (checkpoint / "critic" / "scheduler.pt").exists()
+    assert (checkpoint / "critic" / "scheduler.json").exists()
     if zero_stage:
         assert (checkpoint / "critic_engine").is_dir()  # the critic engine's own DeepSpeed checkpoint
         assert (checkpoint / "latest").read_text().strip() == "global_step1"  # the policy engine's, untouched
