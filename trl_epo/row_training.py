@@ -168,6 +168,7 @@ class RowTrainingMixin:
         else:
             scale = accumulation * len(real) * processes / max(1.0, counts.rows)
         inputs["row_loss_scale"] = scale
+        inputs["row_step_action_tokens"] = counts.action_tokens  # TRL's entropy bonus: the step's token mean
         if self._vllm_is_correction:  # TRL's loss reads the ratio whenever the correction is on
             mask = inputs["completion_mask"] * inputs["tool_mask"]
             if "sampling_per_token_logps" in inputs and "old_per_token_logps" in inputs:
