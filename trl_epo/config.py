@@ -134,6 +134,10 @@ class EPOConfig(GRPOConfig):
             neither episode length nor the number of turns can mask or crush (truncated IS, verl's default). Also
             `"token_mask"`, `"turn_truncate"` / `"turn_mask"` (one ratio per turn, the product over the tokens of one
             sampling call) and TRL's `"sequence_truncate"` / `"sequence_mask"` (one ratio per row).
+        env_max_failed_rollouts (`int` or `None`, *optional*, defaults to `3`):
+            Stop training with an error after this many consecutive rollouts in which every episode's environment
+            failed (at reset or mid-episode, on all processes); `None` never stops. Failed episodes are counted
+            (`rollout/env_error_episodes`) and never trained on, so such a run would otherwise go on learning nothing.
     """
 
     # ---- EPO objective
@@ -239,6 +243,10 @@ class EPOConfig(GRPOConfig):
             "choices": list(IMPORTANCE_SAMPLING_MODES),
         },
     )
+    env_max_failed_rollouts: int | None = field(
+        default=3,
+        metadata={"help": "Stop after this many consecutive rollouts whose every env failed (None: never)."},
+    )
 
     def __post_init__(self):
         k = self.env_updates_per_rollout
@@ -284,6 +292,13 @@ class EPOConfig(GRPOConfig):
             "env_forward_token_budget",
             self.env_forward_token_budget,
             "it must be >= 1 or None",
+        )
+        check_setting(
+            self.env_max_failed_rollouts is None
+            or (isinstance(self.env_max_failed_rollouts, int) and self.env_max_failed_rollouts >= 1),
+            "env_max_failed_rollouts",
+            self.env_max_failed_rollouts,
+            "it must be an integer >= 1 or None",
         )
         check_setting(
             self.env_packed_mask_limit_gb > 0,
