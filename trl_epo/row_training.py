@@ -23,7 +23,7 @@ from accelerate.utils import DistributedType
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import nanstd, use_adapter
+from trl.trainer.utils import RepeatSampler, nanstd, use_adapter
 
 from . import row_buffer
 from .importance import importance_ratios, mismatch_metrics, mismatch_sums
@@ -40,6 +40,7 @@ from .rows import (
     set_epo_weights,
     token_chunks,
 )
+from .sampling import EpochRepeatSampler, epochs_completed
 
 
 ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.safetensors"  # `trl_epo.row_buffer`: tensors + JSON, no pickle
@@ -71,6 +72,7 @@ class RowTrainingMixin:
     """Training on environment rows (see the module docstring); active when the trainer has an env rollout."""
 
     _row_buffer: list[MicroBatch] | None = None
+    _epoch_sampler: EpochRepeatSampler | None = None
 
     @property
     def _row_mode(self) -> bool:
@@ -80,7 +82,13 @@ class RowTrainingMixin:
     def _layout(self) -> str:
         return resolve_layout(self.args.env_sample_layout, self.args.env_history_turns is not None)
 
-    # ---- TRL hooks: a micro-step's inputs, and the micro-step itself
+    # ---- TRL hooks: the task order, a micro-step's inputs, and the micro-step itself
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        if self._row_mode and isinstance(sampler, RepeatSampler):  # epoch e's order from (seed, e): resumable
+            sampler = self._epoch_sampler = EpochRepeatSampler.of(sampler)
+        return sampler
+
     def _prepare_inputs(self, generation_batch):
         if not self._row_mode or not self.model.training:
             return super()._prepare_inputs(generation_batch)
@@ -340,7 +348,10 @@ class RowTrainingMixin:
         if not self._row_mode:
             return
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            global_step = json.load(f)["global_step"]
+            trainer_state = json.load(f)
+        global_step = trainer_state["global_step"]
+        if self._epoch_sampler is not None:  # the resumed epoch's task order (also where set_epoch cannot reach it)
+            self._epoch_sampler.set_epoch(epochs_completed(trainer_state.get("epoch") or 0.0))
         self._step = global_step * self.args.gradient_accumulation_steps
         if self._step % (self.args.steps_per_generation * self.num_iterations) == 0:
             return

@@ -53,6 +53,8 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
     (`trl_epo.row_training`). The environment side lives in `trl_epo.env_training`.
 
     TRL hooks overridden, and why:
+        `_get_train_sampler` (env rows): TRL's task sampler with each epoch's shuffle drawn from (seed, epoch), so a
+            resumed run plays the same tasks (`trl_epo.sampling`).
         `_prepare_inputs` / `training_step` (env rows): a rollout's rows, scheduled into its optimizer steps, trained
             in token-budgeted chunks with the step's global normalisers (TRL's batch is one padded row per prompt).
         `_generate_and_score_completions`: carries the per-token turn ids a custom `rollout_func` returns into the

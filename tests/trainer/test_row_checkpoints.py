@@ -147,3 +147,38 @@ def test_resume_inside_the_num_iterations_passes_trains_on_the_same_rollout(
     assert played == []
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=1e-7, msg=key)
+
+
+def test_resume_at_an_epoch_boundary_plays_the_same_tasks(tokenizer, make_model, tmp_path, monkeypatch):
+    """4 tasks x G 2 = one rollout per epoch: checkpoint-1 is an epoch boundary, and the resumed rollout plays epoch 1's
+    shuffle (TRL's sampler restarted from epoch 0's)."""
+    played = []
+    real = EnvTrainingMixin._play_rollout_batch
+
+    def recording(self, rows):
+        played.append([(r["task"], r["variation"], r["seed"]) for r in rows])
+        return real(self, rows)
+
+    monkeypatch.setattr(EnvTrainingMixin, "_play_rollout_batch", recording)
+
+    def run(output_dir, resume=None):
+        args = windowed_args(
+            output_dir, per_device_train_batch_size=8, max_steps=2, save_strategy="steps", save_steps=1
+        )
+        trainer = EPOTrainer(
+            make_model(),
+            args=args,
+            train_dataset=make_dataset("train", 4),
+            processing_class=tokenizer,
+            env_factory=ToyEnv,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.close_envs()
+        return trainer
+
+    run(tmp_path)
+    straight, played[:] = list(played), []
+    assert json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())["epoch"] == 1.0
+    assert straight[0] != straight[1]
+    run(tmp_path / "resumed", resume=str(tmp_path / "checkpoint-1"))
+    assert played == straight[1:]
