@@ -61,12 +61,11 @@ def save(path: str, step: int, micro_batches: Sequence) -> None:
     os.replace(path + ".tmp", path)
 
 
-def load(path: str) -> tuple[int, list]:
-    """``(step, micro_batches)`` written by `save`. Raises ValueError on a file that is not such a row buffer
-    (e.g. a pickle): nothing in it is executed."""
+def load(path: str) -> tuple[int, list[tuple[list, object]]]:
+    """``(step, [(rows, counts), ...])``, one pair per micro-batch written by `save`. Raises ValueError on a file
+    that is not such a row buffer (e.g. a pickle): nothing in it is executed."""
     from safetensors import SafetensorError, safe_open
 
-    from .row_training import MicroBatch
     from .rows import StepCounts, TrainingRow
 
     try:
@@ -85,7 +84,7 @@ def load(path: str) -> tuple[int, list]:
     advantages = _get_mixed(tensors, "advantage")
     extras = [_get_mixed(tensors, f"extra.{i}") for i in range(len(extra_keys))]
     counts = tensors["counts"].tolist()
-    micro_batches = [MicroBatch([], StepCounts(*c)) for c in counts]
+    micro_batches = [([], StepCounts(*c)) for c in counts]
     for i, (micro, episode) in enumerate(zip(tensors["micro_batch"].tolist(), tensors["episode"].tolist())):
         row = TrainingRow(
             **{name: fields[name][i] for name in INT_FIELDS},
@@ -94,7 +93,7 @@ def load(path: str) -> tuple[int, list]:
             **{name: fields[name][i] for name in FLOAT_FIELDS},
         )
         row.extra = {key: values[i] for key, values in zip(extra_keys, extras) if values[i] is not None}
-        micro_batches[micro].rows.append(row)
+        micro_batches[micro][0].append(row)
     return int(metadata["step"]), micro_batches
 
 

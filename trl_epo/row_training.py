@@ -370,7 +370,8 @@ class RowTrainingMixin:
                 "missing, so the rollout's remaining rows are lost. Resume from a checkpoint at a rollout boundary, or "
                 "with the same number of processes that wrote this one."
             )
-        _, self._row_buffer = row_buffer.load(path)
+        _, micro_batches = row_buffer.load(path)
+        self._row_buffer = [MicroBatch(rows, counts) for rows, counts in micro_batches]
 
 
 def per_rollout_schedule(args) -> bool:
