@@ -110,7 +110,7 @@ class EnvTrainingMixin:
             errors = [e.env_error for e in batch.episodes if e.env_error is not None]
             raise RuntimeError(
                 f"The last {self._failed_rollouts} rollouts failed in every episode: every environment raised (e.g. "
-                f"{str(errors[0])[:300] if errors else 'on another process'!r}), so training has nothing to learn "
+                f"{str(errors[0]).splitlines()[0][:300] if errors else 'on another process'!r}), so training has nothing to learn "
                 "from. Check the environment with `trl_epo.envs.checker.check_text_env(env, task)`; "
                 "env_max_failed_rollouts sets how many such rollouts in a row stop the run (None: never)."
             )

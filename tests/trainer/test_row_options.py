@@ -116,6 +116,24 @@ def test_trls_adaptive_entropy_acts_once_per_step_for_any_chunking(tokenizer, ma
 
 
 @pytest.mark.parametrize(
+    "setting",
+    [
+        {"loss_type": "dr_grpo", "importance_sampling_level": "sequence"},
+        {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+        {"loss_type": "sapo", "off_policy_mask_threshold": 0.5},
+        {"loss_type": "cispo", "delta": 1.5},
+    ],
+    ids=["dr_grpo-sequence", "luspo-sequence", "sapo-off-policy-mask", "cispo-delta"],
+)
+def test_other_trl_loss_options_are_per_token_or_per_row(tokenizer, make_model, tmp_path, setting):
+    """What `trl_epo.row_options` says needs no handling: the same step gradient for any chunking."""
+    trainer = make_trainer(tokenizer, make_model, tmp_path, **setting)
+    grads, _, _, _ = step_gradients(trainer)
+    for budget in BUDGETS[1:]:
+        assert (grads[budget] - grads[None]).norm() / grads[None].norm() < 1e-5, budget
+
+
+@pytest.mark.parametrize(
     "setting, message",
     [
         ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
