@@ -59,10 +59,18 @@ class MicroBatch:
 
 
 class _PerRollout:
-    """An LR-lambda that advances once per rollout of `k` optimizer steps (picklable, for LambdaLR's state)."""
+    """An LR-lambda that advances once per rollout of `k` optimizer steps. LambdaLR saves a callable object's
+    `__dict__` in its state: here only `k`, so a checkpoint's scheduler.pt holds no code and loads with
+    `weights_only=True` (the wrapped function is rebuilt from the config on resume)."""
+
+    __slots__ = ("fn", "k")
 
     def __init__(self, fn, k: int):
         self.fn, self.k = fn, k
+
+    @property
+    def __dict__(self) -> dict:
+        return {"k": self.k}
 
     def __call__(self, step: int) -> float:
         return self.fn(step // self.k)

@@ -182,3 +182,27 @@ def test_resume_at_an_epoch_boundary_plays_the_same_tasks(tokenizer, make_model,
     assert straight[0] != straight[1]
     run(tmp_path / "resumed", resume=str(tmp_path / "checkpoint-1"))
     assert played == straight[1:]
+
+
+def test_a_per_rollout_lr_schedule_saves_no_code(tmp_path):
+    """`env_lr_per_rollout` wraps the LR functions; their state in scheduler.pt must load with weights_only=True
+    (transformers' resume), and the restored schedule continues where it was."""
+    from trl_epo.row_training import lr_scheduler_of
+
+    args = EPOConfig(
+        **base_config_kwargs(tmp_path, per_device_train_batch_size=4, num_generations=2),
+        env_updates_per_rollout=2,
+        env_lr_per_rollout=True,
+        lr_scheduler_type="cosine",
+    )
+    make = lambda: lr_scheduler_of(args, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 8)  # noqa: E731
+    scheduler = make()
+    for _ in range(3):
+        scheduler.optimizer.step()
+        scheduler.step()
+    torch.save(scheduler.state_dict(), tmp_path / "scheduler.pt")
+    restored = make()
+    restored.load_state_dict(torch.load(tmp_path / "scheduler.pt", weights_only=True))
+    assert restored.get_last_lr() == scheduler.get_last_lr()
+    restored.step(), scheduler.step()
+    assert restored.get_last_lr() == scheduler.get_last_lr() != [1.0]
