@@ -158,6 +158,10 @@ class EPOConfig(GRPOConfig):
             tasks (`trl_epo.group_filter`, which also says what is trained when none is informative).
         env_filter_max_rollouts (`int`, *optional*, defaults to `10`):
             At most this many rollouts per step with `env_filter_groups`, the first included (verl: 10).
+        env_max_failed_rollouts (`int` or `None`, *optional*, defaults to `3`):
+            Stop training with an error after this many consecutive rollouts in which every episode's environment
+            failed (at reset or mid-episode, on all processes); `None` never stops. Failed episodes are counted
+            (`rollout/env_error_episodes`) and never trained on, so such a run would otherwise go on learning nothing.
     """
 
     # ---- EPO objective
@@ -291,6 +295,10 @@ class EPOConfig(GRPOConfig):
     env_filter_max_rollouts: int = field(
         default=10, metadata={"help": "Rollouts per step at most with env_filter_groups (the first included)."}
     )
+    env_max_failed_rollouts: int | None = field(
+        default=3,
+        metadata={"help": "Stop after this many consecutive rollouts whose every env failed (None: never)."},
+    )
 
     def __post_init__(self):
         k = self.env_updates_per_rollout
@@ -336,6 +344,13 @@ class EPOConfig(GRPOConfig):
             "env_forward_token_budget",
             self.env_forward_token_budget,
             "it must be >= 1 or None",
+        )
+        check_setting(
+            self.env_max_failed_rollouts is None
+            or (isinstance(self.env_max_failed_rollouts, int) and self.env_max_failed_rollouts >= 1),
+            "env_max_failed_rollouts",
+            self.env_max_failed_rollouts,
+            "it must be an integer >= 1 or None",
         )
         check_setting(
             self.env_packed_mask_limit_gb > 0,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,14 +19,14 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType, gather_object
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import get_scheduler
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import nanstd, use_adapter
+from trl.trainer.utils import RepeatSampler, nanstd, use_adapter
 
+from . import row_buffer
 from .gigpo import assign_gigpo, episode_turns
 from .group_filter import filter_groups, refill_task_rows
 from .importance import importance_ratios, mismatch_metrics, mismatch_sums
+from .lr_schedule import lr_scheduler_of, per_rollout_schedule  # noqa: F401 (re-exported)
 from .packing import check_packed_forward, packed_rows_one_per_forward
 from .rows import (
     StepCounts,
@@ -42,10 +41,12 @@ from .rows import (
     set_epo_weights,
     token_chunks,
 )
+from .sampling import EpochRepeatSampler, epochs_completed
 from .seeding import derive_seed
 
 
-ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.pt"
+ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.safetensors"  # `trl_epo.row_buffer`: tensors + JSON, no pickle
+LEGACY_ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.pt"  # older releases' pickle: refused, never loaded
 PER_SEQUENCE_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # TRL normalises these per row, then per micro-batch
 PER_TOKEN_LOSSES = ("bnpo",)  # per action token of the micro-batch
 GLOBAL_TOKEN_LOSSES = ("dapo", "cispo", "vespo")  # per action token of the step, through `num_items_in_batch`
@@ -59,20 +60,11 @@ class MicroBatch:
     counts: StepCounts
 
 
-class _PerRollout:
-    """An LR-lambda that advances once per rollout of `k` optimizer steps (picklable, for LambdaLR's state)."""
-
-    def __init__(self, fn, k: int):
-        self.fn, self.k = fn, k
-
-    def __call__(self, step: int) -> float:
-        return self.fn(step // self.k)
-
-
 class RowTrainingMixin:
     """Training on environment rows (see the module docstring); active when the trainer has an env rollout."""
 
     _row_buffer: list[MicroBatch] | None = None
+    _epoch_sampler: EpochRepeatSampler | None = None
 
     @property
     def _row_mode(self) -> bool:
@@ -82,7 +74,13 @@ class RowTrainingMixin:
     def _layout(self) -> str:
         return resolve_layout(self.args.env_sample_layout, self.args.env_history_turns is not None)
 
-    # ---- TRL hooks: a micro-step's inputs, and the micro-step itself
+    # ---- TRL hooks: the task order, a micro-step's inputs, and the micro-step itself
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        if self._row_mode and isinstance(sampler, RepeatSampler):  # epoch e's order from (seed, e): resumable
+            sampler = self._epoch_sampler = EpochRepeatSampler.of(sampler)
+        return sampler
+
     def _prepare_inputs(self, generation_batch):
         if not self._row_mode or not self.model.training:
             return super()._prepare_inputs(generation_batch)
@@ -170,6 +168,7 @@ class RowTrainingMixin:
         else:
             scale = accumulation * len(real) * processes / max(1.0, counts.rows)
         inputs["row_loss_scale"] = scale
+        inputs["row_step_action_tokens"] = counts.action_tokens  # TRL's entropy bonus: the step's token mean
         if self._vllm_is_correction:  # TRL's loss reads the ratio whenever the correction is on
             mask = inputs["completion_mask"] * inputs["tool_mask"]
             if "sampling_per_token_logps" in inputs and "old_per_token_logps" in inputs:
@@ -362,62 +361,42 @@ class RowTrainingMixin:
     def _save_row_buffer(self, folder: str) -> None:
         """Inside a rollout's K updates, the rollout's remaining micro-batches go into the checkpoint (one file per
         process), so that a resumed run trains on exactly the rows the uninterrupted one would."""
-        cycle = self.args.steps_per_generation
+        # A rollout lasts K updates times TRL's num_iterations passes over its rows.
+        cycle = self.args.steps_per_generation * self.num_iterations
         if not self._row_mode or self._row_buffer is None or self._step % cycle == 0:
             return
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, ROW_BUFFER_NAME.format(rank=self.accelerator.process_index))
-        torch.save({"step": self._step, "buffer": self._row_buffer}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        row_buffer.save(path, self._step, self._row_buffer)
 
     def _load_row_buffer(self, checkpoint: str) -> None:
         if not self._row_mode:
             return
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            global_step = json.load(f)["global_step"]
+            trainer_state = json.load(f)
+        global_step = trainer_state["global_step"]
+        if self._epoch_sampler is not None:  # the resumed epoch's task order (also where set_epoch cannot reach it)
+            self._epoch_sampler.set_epoch(epochs_completed(trainer_state.get("epoch") or 0.0))
         self._step = global_step * self.args.gradient_accumulation_steps
-        if self._step % self.args.steps_per_generation == 0:
+        if self._step % (self.args.steps_per_generation * self.num_iterations) == 0:
             return
         path = os.path.join(checkpoint, ROW_BUFFER_NAME.format(rank=self.accelerator.process_index))
+        legacy = os.path.join(checkpoint, LEGACY_ROW_BUFFER_NAME.format(rank=self.accelerator.process_index))
+        if not os.path.exists(path) and os.path.exists(legacy):
+            raise ValueError(
+                f"{legacy} is a pickled row buffer (older trl_epo); loading it could run arbitrary code, so it is not "
+                "loaded. Resume from a checkpoint at a rollout boundary, or one written by this version."
+            )
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"{checkpoint} was saved inside a rollout (step {global_step} of a rollout of "
-                f"{self.args.steps_per_generation // self.args.gradient_accumulation_steps} updates) but {path} is "
+                f"{self.args.steps_per_generation // self.args.gradient_accumulation_steps * self.num_iterations} "
+                f"updates) but {path} is "
                 "missing, so the rollout's remaining rows are lost. Resume from a checkpoint at a rollout boundary, or "
                 "with the same number of processes that wrote this one."
             )
-        state = torch.load(path, weights_only=False)
-        self._row_buffer = state["buffer"]
-
-
-def per_rollout_schedule(args) -> bool:
-    """Whether the LR schedule steps once per rollout (`env_lr_per_rollout` with K > 1 updates per rollout)."""
-    return bool(args.env_lr_per_rollout and args.steps_per_generation // args.gradient_accumulation_steps > 1)
-
-
-def lr_scheduler_of(args, optimizer, num_training_steps: int):
-    """The LR schedule of `args` (`lr_scheduler_type`, warm-up, `lr_scheduler_kwargs`) for `optimizer` over
-    `num_training_steps` optimizer steps, as `Trainer.create_scheduler` builds it; with `per_rollout_schedule` it
-    advances once per rollout of K steps (its warm-up and length counted in rollouts)."""
-    updates = args.steps_per_generation // args.gradient_accumulation_steps
-    per_rollout = per_rollout_schedule(args)
-    steps = math.ceil(num_training_steps / updates) if per_rollout else num_training_steps
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.get_warmup_steps(steps),
-        num_training_steps=steps,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
-    )
-    if not per_rollout:
-        return scheduler
-    if not isinstance(scheduler, LambdaLR):
-        raise ValueError(
-            f"env_lr_per_rollout supports the LambdaLR schedules of transformers; {args.lr_scheduler_type!r} "
-            "is not one: pick e.g. 'cosine', 'linear', 'constant_with_warmup' or 'cosine_with_min_lr'."
-        )
-    scheduler.lr_lambdas = [_PerRollout(fn, updates) for fn in scheduler.lr_lambdas]
-    return scheduler
+        _, micro_batches = row_buffer.load(path)
+        self._row_buffer = [MicroBatch(rows, counts) for rows, counts in micro_batches]
 
 
 def _first_answer(messages: list[dict[str, str]]) -> int:

@@ -241,7 +241,7 @@ def test_resume_restores_policy_critic_both_optimizers_and_the_reference(tokeniz
     straight = make_trainer(make_model(), ppo_args(tmp_path / "straight", **common), tokenizer=tokenizer)
     straight.train()
     checkpoint = tmp_path / "straight" / "checkpoint-1"  # inside the first rollout: its rows are resumed too
-    assert (checkpoint / "critic" / "optimizer.pt").exists() and (checkpoint / "critic" / "scheduler.pt").exists()
+    assert (checkpoint / "critic" / "optimizer.pt").exists() and (checkpoint / "critic" / "scheduler.json").exists()
     resumed = make_trainer(make_model(seed=1), ppo_args(tmp_path / "resumed", **common), tokenizer=tokenizer)
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
@@ -261,7 +261,7 @@ def test_resume_restores_policy_critic_both_optimizers_and_the_reference(tokeniz
         for key, value in params(a).items():
             torch.testing.assert_close(params(b)[key], value, rtol=1e-5, atol=1e-6, msg=f"{which}.{key}")
 
-    (checkpoint / "critic" / "scheduler.pt").unlink()
+    (checkpoint / "critic" / "scheduler.json").unlink()
     fresh = make_trainer(make_model(), ppo_args(tmp_path / "fresh", **common), tokenizer=tokenizer)
     with pytest.raises(FileNotFoundError, match="critic"):
         fresh.train(resume_from_checkpoint=str(checkpoint))

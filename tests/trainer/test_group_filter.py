@@ -187,7 +187,7 @@ def test_resume_inside_a_refilled_rollout_trains_on_the_same_rows(tokenizer, mak
     straight = run(tmp_path / "straight")
     assert next(h for h in straight.state.log_history if "loss" in h)["filter/extra_rollouts"] >= 1
     run(tmp_path / "resumed")
-    assert (tmp_path / "resumed" / "checkpoint-1" / "epo_rollout_buffer_rank0.pt").exists()
+    assert (tmp_path / "resumed" / "checkpoint-1" / "epo_rollout_buffer_rank0.safetensors").exists()
     played = []
     monkeypatch.setattr(EnvTrainingMixin, "_play_rollout_batch", lambda self, rows: played.append(rows))
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-1"))
