@@ -3,6 +3,7 @@ the env_* settings on TRL's paths (applied or refused with the reason), and Eq. 
 normalisers on a custom rollout_func (gradient accumulation changes nothing)."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from trl import GRPOConfig
 import trl_epo.trainer as trainer_module
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.envs.toy import ToyEnv
-from trl_epo.trl_batch import turn_ids_from_mask
+from trl_epo.trl_batch import multi_turn_importance_ratio, turn_ids_from_mask
 from trl_epo.trl_paths import APPLIES, TRL_PATH_SETTINGS, check_trl_path_settings
 
 
@@ -287,3 +288,31 @@ def test_eq2_is_normalised_over_the_optimizer_step(with_turn_ids, make_model, to
     for name, delta in updates[8].items():
         torch.testing.assert_close(updates[2][name], delta, rtol=1e-4, atol=1e-7)
     assert any(delta.abs().max() > 1e-5 for delta in updates[8].values())
+
+
+def test_multi_turn_trl_batches_get_the_env_importance_sampling_mode(tmp_path):
+    """A long two-turn episode whose per-token vLLM gap is small: TRL's default (sequence_mask) multiplies the ratios
+    of the whole row and masks it; `env_importance_sampling` (token_truncate) keeps every token's own ratio, and
+    the turn modes use the turns derived from the tool mask."""
+    tokens = 200
+    old = torch.zeros(1, tokens)
+    sampling = torch.full((1, tokens), -0.02)  # ratio exp(0.02) per token, exp(4) over the row
+    tool_mask = torch.ones(1, tokens, dtype=torch.long)
+    tool_mask[0, 100:120] = 0  # the tool result between the two turns
+    batch = {
+        "completion_mask": torch.ones(1, tokens, dtype=torch.long),
+        "tool_mask": tool_mask,
+        "old_per_token_logps": old,
+        "sampling_per_token_logps": sampling,
+    }
+    token = multi_turn_importance_ratio(batch, EPOConfig(**base_config_kwargs(tmp_path)))
+    model_tokens = tool_mask.bool()
+    assert torch.allclose(token[model_tokens], torch.full_like(token[model_tokens], math.exp(0.02)))
+    turn = multi_turn_importance_ratio(
+        batch, EPOConfig(**base_config_kwargs(tmp_path, env_importance_sampling="turn_truncate"))
+    )
+    assert turn[0, 0].item() == pytest.approx(3.0)  # exp(2) per turn, clipped at TRL's clip_max = 3
+    sequence = multi_turn_importance_ratio(
+        batch, EPOConfig(**base_config_kwargs(tmp_path, env_importance_sampling="sequence_mask"))
+    )
+    assert (sequence == 0).all()  # TRL's mode: the whole episode is masked
