@@ -262,12 +262,6 @@ class EPOConfig(GRPOConfig):
                 "= per_device_train_batch_size x processes x K x gradient_accumulation_steps. Set "
                 "per_device_train_batch_size accordingly and leave generation_batch_size / steps_per_generation unset."
             )
-        check_setting(
-            self.steps_per_generation % self.gradient_accumulation_steps == 0,
-            "steps_per_generation",
-            self.steps_per_generation,
-            f"it must be a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})",
-        )
         self._validate_epo()
         RolloutConfig.from_args(self)  # validates the env_* settings (one place, one message style)
         check_setting(

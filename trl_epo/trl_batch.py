@@ -20,7 +20,7 @@ Pure functions here; `TRLBatchMixin` wires them into TRL's hooks (`_generate_and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -71,20 +71,29 @@ def micro_batch_counts(batch: dict[str, Any]) -> torch.Tensor:
     return torch.stack([(mask.sum(1) > 0).sum(), mask.sum()]).float()
 
 
+def step_window(position: int, accumulation: int, generation_start: int, generation_end: int) -> range:
+    """The micro-step positions of the optimizer step that micro-step `position` belongs to (steps of
+    `accumulation` micro-steps), cut to the generation batch served from `generation_start` to `generation_end`
+    (exclusive). With `steps_per_generation` a multiple of `accumulation` the whole step is inside one batch."""
+    start = (position // accumulation) * accumulation
+    return range(max(start, generation_start), min(start + accumulation, generation_end))
+
+
 def step_normalisers(
-    micro_batches: Sequence[dict[str, Any]],
-    accumulation: int,
-    reduce_sum: Callable[[torch.Tensor], torch.Tensor],
-) -> list[torch.Tensor]:
-    """For each micro-batch, the ``[B, N]`` of its optimizer step: trajectories with an action token and action
-    tokens over the step's `accumulation` consecutive micro-batches (TRL's order: micro-batch m belongs to step
-    m // accumulation), summed over processes by `reduce_sum` (every process calls it once, at the same time)."""
-    counts = torch.stack([micro_batch_counts(b) for b in micro_batches])  # (M, 2)
-    steps = -(-len(micro_batches) // accumulation)
-    per_step = torch.zeros(steps, 2, device=counts.device)
-    per_step.index_add_(0, torch.arange(len(micro_batches), device=counts.device) // accumulation, counts)
-    per_step = reduce_sum(per_step)
-    return [per_step[m // accumulation] for m in range(len(micro_batches))]
+    micro_counts: torch.Tensor, position: int, accumulation: int, generation_start: int, generation_end: int
+) -> torch.Tensor:
+    """``[B, N]`` for the micro-step at `position`: trajectories with an action token and action tokens of its
+    optimizer step, from `micro_counts` ``(steps_per_generation, 2)`` (every buffered micro-batch's counts, summed
+    over processes; micro-step q trains buffered micro-batch q % steps_per_generation, as TRL serves them).
+
+    A step that straddles two generation batches (steps_per_generation not a multiple of gradient accumulation) is
+    normalised per part: each part by its own counts, divided by its share of the step's micro-batches, so every
+    part weighs as many micro-batches as it has (the later batch is not generated yet when the first part trains).
+    """
+    window = step_window(position, accumulation, generation_start, generation_end)
+    index = torch.tensor([q % micro_counts.size(0) for q in window], device=micro_counts.device)
+    share = len(window) / accumulation
+    return micro_counts[index].sum(0) / share
 
 
 def multi_turn_importance_ratio(batch: dict[str, Any], args) -> torch.Tensor:
@@ -123,11 +132,18 @@ class TRLBatchMixin:
     def _prepare_inputs(self, generation_batch):
         buffered = getattr(self, "_buffered_inputs", None)
         inputs = super()._prepare_inputs(generation_batch)
-        if self.model.training and self._buffered_inputs is not buffered:  # a new generation batch was split
-            accumulation = self.args.gradient_accumulation_steps
-            reduce = lambda t: self.accelerator.reduce(t, reduction="sum")  # noqa: E731
-            for batch, counts in zip(
-                self._buffered_inputs, step_normalisers(self._buffered_inputs, accumulation, reduce)
-            ):
-                batch[NUM_TRAJECTORIES_KEY], batch[NUM_TOKENS_KEY] = counts[0], counts[1]
-        return inputs
+        if not self.model.training:
+            return inputs
+        if self._buffered_inputs is not buffered:  # a new generation batch: its micro-batches' counts, all processes
+            counts = torch.stack([micro_batch_counts(b) for b in self._buffered_inputs])
+            self._epo_micro_counts = self.accelerator.reduce(counts, reduction="sum")
+            self._epo_generation_start = self._step
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        counts = step_normalisers(
+            self._epo_micro_counts,
+            self._step,
+            self.args.gradient_accumulation_steps,
+            self._epo_generation_start,
+            (self._step // generate_every + 1) * generate_every,
+        )
+        return {**inputs, NUM_TRAJECTORIES_KEY: counts[0], NUM_TOKENS_KEY: counts[1]}

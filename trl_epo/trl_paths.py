@@ -16,6 +16,7 @@ from typing import Any
 from trl import GRPOConfig
 
 from .config import EPOConfig
+from .rollout.config import check_setting
 
 
 APPLIES = "applies"
@@ -83,6 +84,12 @@ def check_trl_path_settings(args: EPOConfig, env_rollout, trainer_kwargs: dict[s
     """Refuse the combinations that cannot work: trl_epo's multi-turn rollout (`env_rollout`, from `env_factory=`)
     with TRL's agent arguments, and, on TRL's paths, `env_*` settings that do not apply there (`TRL_PATH_SETTINGS`)."""
     if env_rollout is not None:
+        check_setting(  # env rows: a rollout is consumed in K whole optimizer steps
+            args.steps_per_generation % args.gradient_accumulation_steps == 0,
+            "steps_per_generation",
+            args.steps_per_generation,
+            f"with `env_factory=` it must be a multiple of gradient_accumulation_steps ({args.gradient_accumulation_steps})",
+        )
         trl_agent = [k for k in ("environment_factory", "tools") if trainer_kwargs.get(k)]
         if trl_agent:
             raise ValueError(

@@ -15,7 +15,7 @@ from trl import GRPOConfig
 import trl_epo.trainer as trainer_module
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.envs.toy import ToyEnv
-from trl_epo.trl_batch import multi_turn_importance_ratio, turn_ids_from_mask
+from trl_epo.trl_batch import multi_turn_importance_ratio, step_normalisers, step_window, turn_ids_from_mask
 from trl_epo.trl_paths import APPLIES, TRL_PATH_SETTINGS, check_trl_path_settings
 
 
@@ -316,3 +316,39 @@ def test_multi_turn_trl_batches_get_the_env_importance_sampling_mode(tmp_path):
         batch, EPOConfig(**base_config_kwargs(tmp_path, env_importance_sampling="sequence_mask"))
     )
     assert (sequence == 0).all()  # TRL's mode: the whole episode is masked
+
+
+def test_step_normalisers_when_steps_straddle_generation_batches():
+    # steps_per_generation 4, gradient accumulation 3, num_iterations 1: steps {0,1,2}, {3 | 4,5}, {6,7 | 8}, ...
+    counts = torch.tensor([[2.0, 10.0], [1.0, 4.0], [2.0, 6.0], [1.0, 3.0]])  # per buffered micro-batch
+    assert list(step_window(1, 3, 0, 4)) == [0, 1, 2]
+    assert step_normalisers(counts, 1, 3, 0, 4).tolist() == [5.0, 20.0]
+    assert list(step_window(3, 3, 0, 4)) == [3]  # the first part of step 1: 1 of its 3 micro-batches
+    assert step_normalisers(counts, 3, 3, 0, 4).tolist() == [3.0, 9.0]  # its counts / (1/3)
+    assert list(step_window(5, 3, 4, 8)) == [4, 5]  # the rest, from the next generation batch
+    assert step_normalisers(counts, 5, 3, 4, 8).tolist() == pytest.approx([4.5, 21.0])  # (2 + 1) / (2/3)
+
+
+def test_steps_per_generation_not_a_multiple_of_accumulation(make_model, tokenizer, single_turn_dataset, tmp_path):
+    """GRPOConfig accepts it (TRL serves micro-batches across generation batches); EPOTrainer trains it on TRL's
+    batch, and refuses it only with env_factory (a rollout is consumed in K whole optimizer steps)."""
+    kwargs = base_config_kwargs(
+        tmp_path, per_device_train_batch_size=2, num_generations=2, steps_per_generation=4, max_steps=2
+    )
+    trainer = EPOTrainer(
+        make_model(),
+        count_a_reward,
+        GRPOConfig(**kwargs, gradient_accumulation_steps=3),
+        train_dataset=single_turn_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert [h["epo/entropy"] > 0 for h in trainer.state.log_history if "epo/entropy" in h] == [True, True]
+    with pytest.raises(ValueError, match="steps_per_generation.*multiple of gradient_accumulation_steps"):
+        EPOTrainer(
+            make_model(),
+            args=EPOConfig(**kwargs, gradient_accumulation_steps=3, env_pool_backend="inline"),
+            train_dataset=single_turn_dataset,
+            processing_class=tokenizer,
+            env_factory=ToyEnv,
+        )
