@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -25,9 +26,10 @@ class EPOConfig(GRPOConfig):
     `L_base` is TRL's GRPO loss for `loss_type`; `L_H` the trajectory-level entropy of the action tokens (Eq. 2);
     `L_smooth` is `epo_smoothing_alpha` times the same aggregation of the hinge penalty that keeps token entropy in the
     corridor `[epo_kappa_low * H_ref, epo_kappa_high * H_ref]` around the historical reference `H_ref` (Eqs. 3-4);
-    `beta_k` is the phase weight (Eq. 5). `epo_entropy_coef` *replaces* GRPOConfig's `entropy_coef` (a plain token
-    mean): setting both, or `use_adaptive_entropy`, while `epo_entropy_coef > 0` raises an error. With
-    `epo_entropy_coef=0` the trainer is exactly [`~trl.GRPOTrainer`].
+    `beta_k` is the phase weight (Eq. 5). GRPOConfig's own `entropy_coef` / `use_adaptive_entropy` (TRL's token-mean
+    bonus) stay part of `L_base` when set: the two bonuses add up (with a warning). With `epo_entropy_coef=0` the
+    trainer is exactly [`~trl.GRPOTrainer`]; `EPOTrainer(args=GRPOConfig(...))` converts the config to an EPOConfig
+    with the defaults below.
 
     Defaults follow the paper (lambda = 1e-3, kappa_l = 0, kappa_r = 2, gamma = 3, alpha = 0.1 as on ALFWorld; the
     paper uses 0.05 on ScienceWorld). The `env_*` fields that default to `None` take the environment's own defaults
@@ -307,6 +309,12 @@ class EPOConfig(GRPOConfig):
             if self.generation_batch_size is None and self.steps_per_generation is None:
                 self.steps_per_generation = k * self.gradient_accumulation_steps
         super().__post_init__()
+        self._check_epo_fields()
+
+    def _check_epo_fields(self) -> None:
+        """Validate the EPO and env fields on top of a validated GRPOConfig (also used by `trl_epo.trl_paths`'s
+        GRPOConfig conversion, which does not rerun GRPOConfig's `__post_init__`)."""
+        k = self.env_updates_per_rollout
         if k is not None and self.steps_per_generation != k * self.gradient_accumulation_steps:
             raise ValueError(
                 f"`env_updates_per_rollout` = {k} needs steps_per_generation = K x gradient_accumulation_steps = "
@@ -314,12 +322,6 @@ class EPOConfig(GRPOConfig):
                 "= per_device_train_batch_size x processes x K x gradient_accumulation_steps. Set "
                 "per_device_train_batch_size accordingly and leave generation_batch_size / steps_per_generation unset."
             )
-        check_setting(
-            self.steps_per_generation % self.gradient_accumulation_steps == 0,
-            "steps_per_generation",
-            self.steps_per_generation,
-            f"it must be a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})",
-        )
         self._validate_epo()
         RolloutConfig.from_args(self)  # validates the env_* settings (one place, one message style)
         check_setting(
@@ -413,11 +415,15 @@ class EPOConfig(GRPOConfig):
             f"use {tuple(AGGREGATIONS)}",
         )
         if self.epo_entropy_coef > 0 and (self.entropy_coef != 0 or self.use_adaptive_entropy):
-            raise ValueError(
-                f"`epo_entropy_coef` = {self.epo_entropy_coef} and TRL's `entropy_coef` = {self.entropy_coef} "
-                f"(use_adaptive_entropy={self.use_adaptive_entropy}) would both add an entropy bonus. EPO's "
-                "trajectory-level bonus replaces TRL's: set `entropy_coef=0` and `use_adaptive_entropy=False`, or set "
-                "`epo_entropy_coef=0` to train plain GRPO with TRL's bonus."
+            # Composed, not refused (a GRPOConfig with TRL's bonus stays a drop-in): TRL's term is part of L_base.
+            warnings.warn(
+                f"Both TRL's entropy bonus (entropy_coef={self.entropy_coef}, use_adaptive_entropy="
+                f"{self.use_adaptive_entropy}: a token mean per micro-batch) and EPO's (epo_entropy_coef="
+                f"{self.epo_entropy_coef}: Eq. 2's trajectory-level mean, with the smoothing corridor) are active; "
+                "they add up. EPO's equivalent of TRL's static bonus is `epo_entropy_coef` with "
+                "`epo_smoothing='none'` (EPO-Base) and `epo_entropy_aggregation='token'`: set `entropy_coef=0` and "
+                "`use_adaptive_entropy=False` to train with EPO's terms alone, or `epo_entropy_coef=0` for TRL's alone.",
+                stacklevel=3,
             )
 
     @property

@@ -6,12 +6,11 @@ from __future__ import annotations
 import gc
 import json
 import os
-from typing import Any
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import GRPOTrainer
-from trl.trainer.utils import pad
+from transformers.utils import logging
+from trl import GRPOConfig, GRPOTrainer
 
 from .config import EPOConfig
 from .distributed import check_process_group
@@ -24,14 +23,15 @@ from .rollout import env_reward as env_reward_func
 from .row_options import applied_entropy_coef, check_row_options, row_loss
 from .row_training import RowTrainingMixin
 from .run_files import EPO_RUN_NAME, EPO_STATE_NAME, write_json_atomic
+from .trl_batch import NUM_TOKENS_KEY, NUM_TRAJECTORIES_KEY, TURN_IDS_KEY, TRLBatchMixin
+from .trl_paths import check_trl_path_settings, epo_config_of
 
 
-TURN_IDS_KEY = "turn_ids"
-"""Per-token turn index of each completion, as a list per rollout (returned by a `rollout_func` next to `env_mask`);
-padded with -1 and passed to the loss as ``inputs["turn_ids"]``. Without it every completion is one turn."""
+logger = logging.get_logger(__name__)
+__all__ = ["EPOTrainer", "TURN_IDS_KEY"]
 
 
-class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
+class EPOTrainer(RowTrainingMixin, TRLBatchMixin, EnvTrainingMixin, GRPOTrainer):
     """GRPO with Entropy-regularized Policy Optimization (Xu et al., 2025, arXiv 2509.22576).
 
     The loss is TRL's GRPO loss for the configured `loss_type`, unchanged, plus ``-lambda * L_H + lambda * beta_k *
@@ -57,8 +57,10 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
             resumed run plays the same tasks (`trl_epo.sampling`).
         `_prepare_inputs` / `training_step` (env rows): a rollout's rows, scheduled into its optimizer steps, trained
             in token-budgeted chunks with the step's global normalisers (TRL's batch is one padded row per prompt).
-        `_generate_and_score_completions`: carries the per-token turn ids a custom `rollout_func` returns into the
-            loss.
+        `_generate_and_score_completions` / `_prepare_inputs` (TRL's batch: `tools=`, `environment_factory=`,
+            `rollout_func`, plain datasets): turn ids from the tool / env mask (or the `rollout_func`'s own), the
+            optimizer step's global Eq. 2 normalisers, the multi-turn importance-sampling mode
+            (`trl_epo.trl_batch`).
         `_get_per_token_logps_and_entropies`: scores packed windowed rows block by block, and keeps the loss
             forward's entropies (with their graph) for the EPO terms.
         `_compute_loss`: adds the EPO terms to TRL's loss and accumulates the step's entropy statistics.
@@ -103,11 +105,16 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = EPOConfig(output_dir=f"{str(name).split('/')[-1]}-EPO")
-        if not isinstance(args, EPOConfig):
-            raise TypeError(
-                f"EPOTrainer needs an EPOConfig, got {type(args).__name__}. Build one with the same arguments: "
-                "`EPOConfig(**your_grpo_config.to_dict())` plus the `epo_*` settings."
+        if isinstance(args, GRPOConfig) and not isinstance(args, EPOConfig):
+            given, args = type(args).__name__, epo_config_of(args)
+            logger.info(
+                f"EPOTrainer got a {given}: converted to an EPOConfig with EPO's defaults "
+                f"(epo_entropy_coef={args.epo_entropy_coef}, epo_smoothing={args.epo_smoothing!r}, "
+                f"epo_reference={args.epo_reference!r}); pass an EPOConfig to change them."
             )
+        if not isinstance(args, EPOConfig):
+            raise TypeError(f"EPOTrainer needs an EPOConfig (or a GRPOConfig), got {type(args).__name__}.")
+        check_trl_path_settings(args, self.env_rollout, kwargs)
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         if self.env_rollout is not None:
             check_row_options(self)  # TRL options env rows cannot apply per optimizer step are refused here
@@ -119,18 +126,6 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
         self._epo_step_sums: torch.Tensor | None = None  # env rows: the step's EPO terms, summed over chunks
 
     # ---- TRL hooks: data
-    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        output = super()._generate_and_score_completions(inputs)
-        # TRL merges a rollout_func's extra fields into the input rows (for reward functions); pick up the turn ids.
-        if inputs and TURN_IDS_KEY in inputs[0]:
-            width = output["completion_ids"].size(1)
-            rows = []
-            for row in inputs:
-                ids = torch.as_tensor(row[TURN_IDS_KEY], dtype=torch.long)[:width]
-                rows.append(torch.cat([ids, ids.new_full((width - ids.numel(),), -1)]))
-            output[TURN_IDS_KEY] = pad(rows, padding_value=-1).to(output["completion_ids"].device)
-        return output
-
     def _get_per_token_logps_and_entropies(
         self,
         model,
@@ -189,6 +184,8 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
         if turn_ids is None:
             turn_ids = torch.zeros_like(mask, dtype=torch.long)
         row_scale = inputs.get("row_loss_scale")  # env rows: the chunk's share of its optimizer step
+        # The optimizer step's global normalisers: env rows carry their weights, TRL's batch its step's B and N.
+        step_global = row_scale is not None or (mode == "train" and NUM_TRAJECTORIES_KEY in inputs)
         if row_scale is not None:  # TRL's entropy bonus becomes the step's token mean (`trl_epo.row_options`)
             loss = row_loss(
                 loss,
@@ -201,6 +198,14 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
                 self.accelerator.num_processes,
             )
             weights = inputs["epo_weights"].to(entropies.dtype) * mask  # the step's global Eq. 2 weights
+        elif step_global:
+            weights = aggregation_weights(
+                args.epo_entropy_aggregation,
+                mask,
+                turn_ids,
+                num_trajectories=inputs[NUM_TRAJECTORIES_KEY].clamp(min=1),
+                num_tokens=inputs[NUM_TOKENS_KEY].clamp(min=1),
+            )
         else:
             weights = aggregation_weights(args.epo_entropy_aggregation, mask, turn_ids)
         total_steps = max(1, self.state.max_steps)
@@ -219,13 +224,13 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
             kappa_high=args.epo_kappa_high,
             smoothing=args.epo_smoothing,
         )
-        if args.epo_enabled and row_scale is not None:
-            # Global weights: summed over chunks and processes they give L_H; data parallelism averages gradients.
+        if args.epo_enabled and step_global:
+            # Global weights: summed over chunks, micro-batches and processes they give L_H; data parallelism
+            # averages gradients.
             loss = loss + terms.regularizer * self.accelerator.num_processes
-        elif args.epo_enabled:
-            # Same gradient-accumulation scaling as TRL's loss and entropy bonus (loss_is_scaled_for_ga).
+        elif args.epo_enabled:  # per-batch normalisers (evaluation): TRL's gradient-accumulation scaling
             loss = loss + terms.regularizer / (self.current_gradient_accumulation_steps if mode == "train" else 1.0)
-        if row_scale is None:
+        if not step_global:
             self._log_epo_terms(mode, terms, beta, reference, mask)
         else:  # partial sums of the step: logged once the step is complete
             outside = (terms.out_of_corridor_frac * mask.sum()).detach().float()
@@ -234,7 +239,7 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
         if mode == "train":
             self._entropy_window.add(entropies, mask, turn_ids)
             if self.accelerator.sync_gradients:
-                if row_scale is not None:
+                if step_global:
                     self._log_epo_step_sums(beta, reference is not None)
                 self._end_of_optimizer_step()
         return loss

@@ -49,12 +49,12 @@ def test_kappa_low_above_kappa_high_is_rejected(tmp_path):
         EPOConfig(**base_config_kwargs(tmp_path, epo_kappa_low=1.5, epo_kappa_high=1.0))
 
 
-def test_trl_entropy_bonus_and_epo_bonus_are_not_both_allowed(tmp_path):
-    with pytest.raises(ValueError, match="entropy_coef"):
+def test_trl_entropy_bonus_composes_with_epo_with_a_warning(tmp_path):
+    # TRL's bonus stays part of L_base (a GRPOConfig with entropy_coef is a drop-in); the warning names EPO's equivalent.
+    with pytest.warns(UserWarning, match="epo_smoothing='none'"):
         EPOConfig(**base_config_kwargs(tmp_path, entropy_coef=0.01))
-    with pytest.raises(ValueError, match="use_adaptive_entropy"):
+    with pytest.warns(UserWarning, match="use_adaptive_entropy=True"):
         EPOConfig(**base_config_kwargs(tmp_path, use_adaptive_entropy=True))
-    # With EPO off, TRL's bonus is allowed (plain GRPO with TRL's entropy bonus).
     config = EPOConfig(**base_config_kwargs(tmp_path, epo_entropy_coef=0.0, entropy_coef=0.01))
     assert not config.epo_enabled
 
