@@ -8,6 +8,7 @@ from trl import GRPOConfig
 
 from .importance import IMPORTANCE_SAMPLING_MODES
 from .objective import AGGREGATIONS, PHASE_SCHEDULES, REFERENCE_MODES, SMOOTHING_MODES
+from .preemption import resolve_signals
 from .rollout.config import ENV_ERROR_MODES, POOL_BACKENDS, REWARD_MODES, RolloutConfig, check_setting
 from .rows import ADVANTAGE_BASELINES, LAYOUTS, resolve_layout
 
@@ -134,6 +135,16 @@ class EPOConfig(GRPOConfig):
             neither episode length nor the number of turns can mask or crush (truncated IS, verl's default). Also
             `"token_mask"`, `"turn_truncate"` / `"turn_mask"` (one ratio per turn, the product over the tokens of one
             sampling call) and TRL's `"sequence_truncate"` / `"sequence_mask"` (one ratio per row).
+
+        > Preemption
+
+        preemption_signals (`list[str]`, *optional*, defaults to `["SIGTERM"]`):
+            Signals that preempt training (`trl_epo.preemption`): the trainer finishes the optimizer step in flight,
+            saves a checkpoint (also under `save_strategy="no"`; with the rest of the rollout inside its K updates),
+            closes the env workers and exits with status 75 (`epo_preempted.json` names the checkpoint); all
+            processes stop at the same step. Any of `"SIGTERM"`, `"SIGUSR1"`, `"SIGUSR2"`, `"SIGINT"`, `"SIGHUP"`; `[]`
+            turns it off. SIGTERM is on by default because it is safe: without a handler it kills the run mid-step
+            and loses everything since the last checkpoint; with it the run still ends, one step later, resumable.
     """
 
     # ---- EPO objective
@@ -240,6 +251,14 @@ class EPOConfig(GRPOConfig):
         },
     )
 
+    # ---- preemption
+    preemption_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM"],
+        metadata={
+            "help": "Signals that make the trainer finish the step, checkpoint and exit with status 75 ([]: off)."
+        },
+    )
+
     def __post_init__(self):
         k = self.env_updates_per_rollout
         if k is not None:
@@ -285,6 +304,7 @@ class EPOConfig(GRPOConfig):
             self.env_forward_token_budget,
             "it must be >= 1 or None",
         )
+        resolve_signals(self.preemption_signals)  # a clear error for a signal that cannot preempt a run
         check_setting(
             self.env_packed_mask_limit_gb > 0,
             "env_packed_mask_limit_gb",

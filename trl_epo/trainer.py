@@ -3,21 +3,23 @@ environment rollouts."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 from typing import Any
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.trainer.utils import pad
 
+from .checkpointing import AtomicCheckpointMixin
 from .config import EPOConfig
 from .distributed import check_process_group
 from .env_training import EnvTrainingMixin, env_rollout_of
 from .objective import EntropyReference, EntropyWindow, aggregation_weights, epo_regularizer, phase_weight
 from .packing import row_logps_and_entropies
+from .preemption import PREEMPTED_FILE, PreemptionCallback, PreemptionWatcher, exit_preempted
 from .results import EvalResult, load_eval_results
 from .rollout import RolloutConfig
 from .rollout import env_reward as env_reward_func
@@ -30,7 +32,7 @@ TURN_IDS_KEY = "turn_ids"
 padded with -1 and passed to the loss as ``inputs["turn_ids"]``. Without it every completion is one turn."""
 
 
-class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
+class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, AtomicCheckpointMixin, GRPOTrainer):
     """GRPO with Entropy-regularized Policy Optimization (Xu et al., 2025, arXiv 2509.22576).
 
     The loss is TRL's GRPO loss for the configured `loss_type`, unchanged, plus ``-lambda * L_H + lambda * beta_k *
@@ -62,10 +64,13 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
         `evaluate`: plays the eval task splits with the policy (environment success, not a loss).
         `create_scheduler`: optionally steps the LR schedule once per rollout (`env_lr_per_rollout`).
         `_save_checkpoint` / `_load_optimizer_and_scheduler`: save and restore the entropy reference, and the rest of
-            a rollout when a checkpoint falls inside its K updates.
+            a rollout when a checkpoint falls inside its K updates; checkpoints are written atomically (staged, then
+            renamed: `trl_epo.checkpointing`, with `_get_output_dir` pointing at the staging folder meanwhile).
         `create_accelerator_and_postprocess`: fails fast on process groups that would train each process alone.
         `create_model_card`: adds the "EPO training" section (settings, reference, evaluation table).
-        `train` / `end`: close the env workers and write `epo_run.json`; release the distributed model first.
+        `train` / `end`: close the env workers and write `epo_run.json`; release the distributed model first. On a
+            `preemption_signals` signal, `train` exits with status 75 after the preemption checkpoint.
+        Callback: `trl_epo.preemption.PreemptionCallback` (`on_step_end`: all processes agree to stop, checkpoint).
     """
 
     _tag_names = ["trl", "grpo", "epo", "reinforcement-learning"]
@@ -112,6 +117,15 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
         self._entropy_window = EntropyWindow()
         self._epo_capture, self._epo_entropies = False, None
         self._epo_step_sums: torch.Tensor | None = None  # env rows: the step's EPO terms, summed over chunks
+        self._preemption = PreemptionWatcher(args.preemption_signals)
+        self._preemption_stop = PreemptionCallback(self._preemption, self._gather_max)
+        self.add_callback(self._preemption_stop)
+
+    def _gather_max(self, value: int) -> int:
+        """The largest `value` over all processes (a collective)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).max().item())
 
     # ---- TRL hooks: data
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -268,11 +282,16 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
 
     # ---- training, checkpoints, the run file
     def train(self, *args, **kwargs):
-        try:
-            output = super().train(*args, **kwargs)
-        finally:
-            self.close_envs()
+        with self._preemption.armed():  # a preemption signal only sets a flag (trl_epo.preemption)
+            try:
+                output = super().train(*args, **kwargs)
+            finally:
+                self.close_envs()
+        if self._preemption_stop.stopped_at is not None:
+            exit_preempted(self, self._preemption_stop)  # raises TrainingPreempted (exit status 75)
         if self.args.should_save:
+            with contextlib.suppress(FileNotFoundError):  # this run finished: an earlier preemption is history
+                os.remove(os.path.join(self.args.output_dir, PREEMPTED_FILE))
             self.save_state()  # trainer_state.json (log history) next to the final model, for plots
             write_json_atomic(os.path.join(self.args.output_dir, EPO_RUN_NAME), self.epo_run_summary())
         return output
@@ -288,15 +307,11 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
             "max_steps": self.state.max_steps,
         }
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_checkpoint_extras(self, folder: str) -> None:
+        """The EPO files of a (staged) checkpoint: the entropy reference, and the rest of a rollout."""
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
             state = {"reference": self.epo_reference.state_dict(), "global_step": self.state.global_step}
             write_json_atomic(os.path.join(folder, EPO_STATE_NAME), state)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self._save_row_buffer(folder)  # every process: the rest of a rollout when the step falls inside it
 
     def _load_optimizer_and_scheduler(self, checkpoint):
