@@ -106,12 +106,18 @@ class PreemptionWatcher:
         self.received, self.acted_on = None, False
         try:
             yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            late = self.received
-            if late is not None and not self.acted_on and late in previous:
-                signal.raise_signal(late)  # after the last step's check: what would have happened without us
+        except BaseException:  # training failed: its error is what the process reports, not a signal on the way out
+            self._restore(previous)
+            raise
+        self._restore(previous)
+        late = self.received
+        if late is not None and not self.acted_on and late in previous:
+            signal.raise_signal(late)  # after the last step's check: what would have happened without us
+
+    @staticmethod
+    def _restore(previous: dict) -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class PreemptionCallback(TrainerCallback):
