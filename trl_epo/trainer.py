@@ -282,6 +282,9 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, AtomicCheckpointMixin, GRPO
 
     # ---- training, checkpoints, the run file
     def train(self, *args, **kwargs):
+        if self.args.should_save:  # written again only if this run is preempted (an earlier preemption is history)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.args.output_dir, PREEMPTED_FILE))
         with self._preemption.armed():  # a preemption signal only sets a flag (trl_epo.preemption)
             try:
                 output = super().train(*args, **kwargs)
@@ -290,8 +293,6 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, AtomicCheckpointMixin, GRPO
         if self._preemption_stop.stopped_at is not None:
             exit_preempted(self, self._preemption_stop)  # raises TrainingPreempted (exit status 75)
         if self.args.should_save:
-            with contextlib.suppress(FileNotFoundError):  # this run finished: an earlier preemption is history
-                os.remove(os.path.join(self.args.output_dir, PREEMPTED_FILE))
             self.save_state()  # trainer_state.json (log history) next to the final model, for plots
             write_json_atomic(os.path.join(self.args.output_dir, EPO_RUN_NAME), self.epo_run_summary())
         return output
