@@ -11,6 +11,7 @@ from .gigpo import ADVANTAGE_ESTIMATORS, ANCHOR_SOURCES, STEP_NORMS, check_gigpo
 from .group_filter import check_filter_settings
 from .importance import IMPORTANCE_SAMPLING_MODES
 from .objective import AGGREGATIONS, PHASE_SCHEDULES, REFERENCE_MODES, SMOOTHING_MODES
+from .preemption import resolve_signals
 from .rollout.config import ENV_ERROR_MODES, POOL_BACKENDS, REWARD_MODES, RolloutConfig, check_setting
 from .rows import ADVANTAGE_BASELINES, LAYOUTS, resolve_layout
 
@@ -164,6 +165,16 @@ class EPOConfig(GRPOConfig):
             Stop training with an error after this many consecutive rollouts in which every episode's environment
             failed (at reset or mid-episode, on all processes); `None` never stops. Failed episodes are counted
             (`rollout/env_error_episodes`) and never trained on, so such a run would otherwise go on learning nothing.
+
+        > Preemption
+
+        preemption_signals (`list[str]`, *optional*, defaults to `["SIGTERM"]`):
+            Signals that preempt training (`trl_epo.preemption`): the trainer finishes the optimizer step in flight,
+            saves a checkpoint (also under `save_strategy="no"`; with the rest of the rollout inside its K updates),
+            closes the env workers and exits with status 75 (`epo_preempted.json` names the checkpoint); all
+            processes stop at the same step. Any of `"SIGTERM"`, `"SIGUSR1"`, `"SIGUSR2"`, `"SIGINT"`, `"SIGHUP"`; `[]`
+            turns it off. SIGTERM is on by default because it is safe: without a handler it kills the run mid-step
+            and loses everything since the last checkpoint; with it the run still ends, one step later, resumable.
     """
 
     # ---- EPO objective
@@ -302,6 +313,14 @@ class EPOConfig(GRPOConfig):
         metadata={"help": "Stop after this many consecutive rollouts whose every env failed (None: never)."},
     )
 
+    # ---- preemption
+    preemption_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM"],
+        metadata={
+            "help": "Signals that make the trainer finish the step, checkpoint and exit with status 75 ([]: off)."
+        },
+    )
+
     def __post_init__(self):
         k = self.env_updates_per_rollout
         if k is not None:
@@ -347,6 +366,7 @@ class EPOConfig(GRPOConfig):
             self.env_forward_token_budget,
             "it must be >= 1 or None",
         )
+        resolve_signals(self.preemption_signals)  # a clear error for a signal that cannot preempt a run
         check_setting(
             self.env_max_failed_rollouts is None
             or (isinstance(self.env_max_failed_rollouts, int) and self.env_max_failed_rollouts >= 1),
@@ -369,11 +389,16 @@ class EPOConfig(GRPOConfig):
         return self.steps_per_generation // self.gradient_accumulation_steps
 
     def _validate_epo(self) -> None:
+        choices = {
+            "epo_smoothing": SMOOTHING_MODES,
+            "epo_reference": REFERENCE_MODES,
+            "epo_phase_schedule": PHASE_SCHEDULES,
+            "epo_entropy_aggregation": AGGREGATIONS,
+        }
+        for name, allowed in choices.items():
+            check_setting(getattr(self, name) in allowed, name, getattr(self, name), f"use {tuple(allowed)}")
         check_setting(
             self.epo_entropy_coef >= 0, "epo_entropy_coef", self.epo_entropy_coef, "it must be >= 0 (0: GRPO)"
-        )
-        check_setting(
-            self.epo_smoothing in SMOOTHING_MODES, "epo_smoothing", self.epo_smoothing, f"use {SMOOTHING_MODES}"
         )
         check_setting(
             self.epo_smoothing_alpha >= 0, "epo_smoothing_alpha", self.epo_smoothing_alpha, "it must be >= 0"
@@ -387,9 +412,6 @@ class EPOConfig(GRPOConfig):
             f"it must be <= epo_kappa_high ({self.epo_kappa_high})",
         )
         check_setting(
-            self.epo_reference in REFERENCE_MODES, "epo_reference", self.epo_reference, f"use {REFERENCE_MODES}"
-        )
-        check_setting(
             0 <= self.epo_reference_ema_decay < 1,
             "epo_reference_ema_decay",
             self.epo_reference_ema_decay,
@@ -401,19 +423,7 @@ class EPOConfig(GRPOConfig):
             self.epo_reference_window,
             "it must be an integer >= 1",
         )
-        check_setting(
-            self.epo_phase_schedule in PHASE_SCHEDULES,
-            "epo_phase_schedule",
-            self.epo_phase_schedule,
-            f"use {tuple(PHASE_SCHEDULES)}",
-        )
         check_setting(self.epo_phase_gamma >= 0, "epo_phase_gamma", self.epo_phase_gamma, "it must be >= 0")
-        check_setting(
-            self.epo_entropy_aggregation in AGGREGATIONS,
-            "epo_entropy_aggregation",
-            self.epo_entropy_aggregation,
-            f"use {tuple(AGGREGATIONS)}",
-        )
         if self.epo_entropy_coef > 0 and (self.entropy_coef != 0 or self.use_adaptive_entropy):
             # Composed, not refused (a GRPOConfig with TRL's bonus stays a drop-in): TRL's term is part of L_base.
             warnings.warn(

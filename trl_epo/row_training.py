@@ -108,7 +108,7 @@ class RowTrainingMixin:
     # ---- a micro-step: forward/backward chunks under the token budget
     def _chunks(self, rows: list[TrainingRow], token_budget: int | None = None) -> list[list[TrainingRow]]:
         """The rows in forward chunks of at most `token_budget` tokens (None: `env_forward_token_budget`), the same
-        number on every process (filler rows pad the short ones)."""
+        number on every process, chunk i with as many rows on every process (filler rows pad the short ones)."""
         budget = self.args.env_forward_token_budget if token_budget is None else token_budget
         if self._layout == "packed" and packed_rows_one_per_forward(self.model):
             chunks = [[row] for row in rows]
@@ -117,7 +117,14 @@ class RowTrainingMixin:
         count = torch.tensor([len(chunks)], device=self.accelerator.device)
         count = int(self.accelerator.gather(count).max().item()) if self.accelerator.num_processes > 1 else len(chunks)
         filler = filler_row(self.processing_class.pad_token_id)
-        return chunks + [[filler] for _ in range(max(1, count) - len(chunks))]
+        chunks = chunks + [[filler] for _ in range(max(1, count) - len(chunks))]
+        if self.accelerator.num_processes > 1:
+            # TRL's loss gathers one value per row (clip_ratio/low_min, high_max): chunk i needs as many rows on every
+            # process, or the gather mismatches (gloo aborts) when processes hold different rows (a failed episode).
+            sizes = torch.tensor([len(c) for c in chunks], device=self.accelerator.device)
+            sizes = self.accelerator.gather(sizes).view(self.accelerator.num_processes, -1).amax(0).tolist()
+            chunks = [c + [filler] * (int(n) - len(c)) for c, n in zip(chunks, sizes)]
+        return chunks
 
     def _train_micro_batch(self, model, micro: MicroBatch) -> torch.Tensor:
         chunks = self._chunks(micro.rows)

@@ -3,20 +3,22 @@ environment rollouts."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer
 
+from .checkpointing import AtomicCheckpointMixin
 from .config import EPOConfig
 from .distributed import check_process_group
 from .env_training import EnvTrainingMixin, env_rollout_of
 from .objective import EntropyReference, EntropyWindow, aggregation_weights, epo_regularizer, phase_weight
 from .packing import row_logps_and_entropies
+from .preemption import PREEMPTED_FILE, PreemptionCallback, PreemptionWatcher, exit_preempted
 from .results import EvalResult, load_eval_results
 from .rollout import RolloutConfig
 from .rollout import env_reward as env_reward_func
@@ -31,7 +33,7 @@ logger = logging.get_logger(__name__)
 __all__ = ["EPOTrainer", "TURN_IDS_KEY"]
 
 
-class EPOTrainer(RowTrainingMixin, TRLBatchMixin, EnvTrainingMixin, GRPOTrainer):
+class EPOTrainer(RowTrainingMixin, TRLBatchMixin, EnvTrainingMixin, AtomicCheckpointMixin, GRPOTrainer):
     """GRPO with Entropy-regularized Policy Optimization (Xu et al., 2025, arXiv 2509.22576).
 
     The loss is TRL's GRPO loss for the configured `loss_type`, unchanged, plus ``-lambda * L_H + lambda * beta_k *
@@ -67,10 +69,13 @@ class EPOTrainer(RowTrainingMixin, TRLBatchMixin, EnvTrainingMixin, GRPOTrainer)
         `evaluate`: plays the eval task splits with the policy (environment success, not a loss).
         `create_scheduler`: optionally steps the LR schedule once per rollout (`env_lr_per_rollout`).
         `_save_checkpoint` / `_load_optimizer_and_scheduler`: save and restore the entropy reference, and the rest of
-            a rollout when a checkpoint falls inside its K updates.
+            a rollout when a checkpoint falls inside its K updates; checkpoints are written atomically (staged, then
+            renamed: `trl_epo.checkpointing`, with `_get_output_dir` pointing at the staging folder meanwhile).
         `create_accelerator_and_postprocess`: fails fast on process groups that would train each process alone.
         `create_model_card`: adds the "EPO training" section (settings, reference, evaluation table).
-        `train` / `end`: close the env workers and write `epo_run.json`; release the distributed model first.
+        `train` / `end`: close the env workers and write `epo_run.json`; release the distributed model first. On a
+            `preemption_signals` signal, `train` exits with status 75 after the preemption checkpoint.
+        Callback: `trl_epo.preemption.PreemptionCallback` (`on_step_end`: all processes agree to stop, checkpoint).
     """
 
     _tag_names = ["trl", "grpo", "epo", "reinforcement-learning"]
@@ -124,6 +129,15 @@ class EPOTrainer(RowTrainingMixin, TRLBatchMixin, EnvTrainingMixin, GRPOTrainer)
         self._entropy_window = EntropyWindow()
         self._epo_capture, self._epo_entropies = False, None
         self._epo_step_sums: torch.Tensor | None = None  # env rows: the step's EPO terms, summed over chunks
+        self._preemption = PreemptionWatcher(args.preemption_signals)
+        self._preemption_stop = PreemptionCallback(self._preemption, self._gather_max)
+        self.add_callback(self._preemption_stop)
+
+    def _gather_max(self, value: int) -> int:
+        """The largest `value` over all processes (a collective)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).max().item())
 
     # ---- TRL hooks: data
     def _get_per_token_logps_and_entropies(
@@ -288,10 +302,16 @@ class EPOTrainer(RowTrainingMixin, TRLBatchMixin, EnvTrainingMixin, GRPOTrainer)
 
     # ---- training, checkpoints, the run file
     def train(self, *args, **kwargs):
-        try:
-            output = super().train(*args, **kwargs)
-        finally:
-            self.close_envs()
+        if self.args.should_save:  # written again only if this run is preempted (an earlier preemption is history)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.args.output_dir, PREEMPTED_FILE))
+        with self._preemption.armed():  # a preemption signal only sets a flag (trl_epo.preemption)
+            try:
+                output = super().train(*args, **kwargs)
+            finally:
+                self.close_envs()
+        if self._preemption_stop.stopped_at is not None:
+            exit_preempted(self, self._preemption_stop)  # raises TrainingPreempted (exit status 75)
         if self.args.should_save:
             self.save_state()  # trainer_state.json (log history) next to the final model, for plots
             write_json_atomic(os.path.join(self.args.output_dir, EPO_RUN_NAME), self.epo_run_summary())
@@ -308,15 +328,11 @@ class EPOTrainer(RowTrainingMixin, TRLBatchMixin, EnvTrainingMixin, GRPOTrainer)
             "max_steps": self.state.max_steps,
         }
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_checkpoint_extras(self, folder: str) -> None:
+        """The EPO files of a (staged) checkpoint: the entropy reference, and the rest of a rollout."""
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
             state = {"reference": self.epo_reference.state_dict(), "global_step": self.state.global_step}
             write_json_atomic(os.path.join(folder, EPO_STATE_NAME), state)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self._save_row_buffer(folder)  # every process: the rest of a rollout when the step falls inside it
 
     def _load_optimizer_and_scheduler(self, checkpoint):

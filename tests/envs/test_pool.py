@@ -63,6 +63,19 @@ def test_faults_come_back_as_failed_results_and_slots_recover():
         assert "not running" in pool.step([(1, "look")])[0].env_error
 
 
+def test_workers_outlive_the_preemption_signals_that_reach_them():
+    """SLURM signals every process of a job step, env workers included: they ignore it (the trainer decides when to
+    stop, and the pool kills them with SIGKILL), so the episode in flight completes."""
+    tasks = make_tasks("train", 2)
+    with EnvPool(ToyEnv, 2) as pool:
+        pool.reset(list(enumerate(tasks)))
+        for pid, sig in zip(pool.worker_pids(), (signal.SIGTERM, signal.SIGUSR1)):
+            os.kill(pid, sig)
+        time.sleep(0.3)
+        results = pool.step([(0, "look"), (1, "look")])
+        assert [r.env_error for r in results] == [None, None] and pool.stats["worker_died"] == 0
+
+
 def test_thread_backend_timeouts_and_exceptions():
     task = make_tasks("train", 1)[0]
     hang = task.__class__(**{**task.to_row(), "extra": {"fault": "hang"}})

@@ -1,5 +1,6 @@
-"""Test data for the ALFWorld tests: the real games (a tarball next to the repository) and a small set of generated
-games, each prepared once per test session (extracted / generated into temporary folders, never into the repo)."""
+"""Test data for the ALFWorld tests: the real games (a tarball shipped in tests/data/alfworld/, MIT-licensed, see its
+README) and a small set of generated games, each prepared once per test session (extracted / generated into temporary
+folders, never into the repo)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ GENERATED_SEED = 0
 
 
 def real_games_tarball() -> Path:
-    """``$TRL_EPO_ALFWORLD_TAR`` if set, else ``<repo root>/../shared/data/alfworld/<file>``."""
+    """``$TRL_EPO_ALFWORLD_TAR`` if set, else the copy in the repository (``tests/data/alfworld/<file>``)."""
     override = os.environ.get("TRL_EPO_ALFWORLD_TAR")
     if override:
         return Path(override)
-    return REPO_ROOT.parent / "shared" / "data" / "alfworld" / REAL_GAMES_FILE
+    return REPO_ROOT / "tests" / "data" / "alfworld" / REAL_GAMES_FILE
 
 
 def _temp_dir(prefix: str) -> str:
@@ -59,10 +60,11 @@ def generated_games():
 @pytest.fixture(scope="session")
 def real_root():
     root = real_games_root()
-    if root is None:
-        pytest.skip(
-            f"real ALFWorld games not found: {REAL_GAMES_FILE} (looked at {real_games_tarball()}; "
-            "set TRL_EPO_ALFWORLD_TAR to its path)"
+    if root is None:  # the repository ships them: a missing file is a broken checkout or a wrong override
+        pytest.fail(
+            f"real ALFWorld games not found: {REAL_GAMES_FILE} (looked at {real_games_tarball()}). The repository "
+            "ships it in tests/data/alfworld/; restore it (git checkout -- tests/data) or point TRL_EPO_ALFWORLD_TAR at "
+            "a copy."
         )
     return root
 

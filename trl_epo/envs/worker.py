@@ -32,7 +32,10 @@ def _watch_parent(parent_pid: int) -> None:
 def serve(fd: int, parent_pid: int) -> None:
     """The worker process's loop, on the socket `fd` (started by `WorkerProcess` through `_BOOTSTRAP`)."""
     conn = Connection(fd)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes the pool
+    # Ctrl-C and the preemption signals go to the trainer, which finishes its step and closes the pool (SLURM signals
+    # every process of a job step): the episode in flight must not die first. The pool kills with SIGKILL.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     try:
         factory = pickle.loads(conn.recv_bytes())

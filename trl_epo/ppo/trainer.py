@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from transformers import Trainer, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import disable_dropout_in_model
 
 from ..rollout import MultiTurnRollout
@@ -54,7 +53,7 @@ class EPOPPOTrainer(EPOTrainer):
             optimizer step after the last micro-step of each optimizer step.
         `_prepare_for_training` (transformers): prepares the critic once the policy is (its DeepSpeed engine must
             come second), and restores it when resuming.
-        `save_model` / `_save_checkpoint` (transformers): save the critic, its optimizer and its LR schedule.
+        `save_model` / `_save_checkpoint_extras` (EPOTrainer): save the critic, its optimizer and its LR schedule.
         `epo_run_summary` (EPOTrainer): records the PPO settings in `epo_run.json`.
     """
 
@@ -252,9 +251,8 @@ class EPOPPOTrainer(EPOTrainer):
         folder = os.path.join(output_dir or self.args.output_dir, CRITIC_DIR)
         self.critic.save_pretrained(folder, self.args.should_save)
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)  # the critic's weights were saved by save_model
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+    def _save_checkpoint_extras(self, folder: str) -> None:
+        super()._save_checkpoint_extras(folder)  # the critic's weights were saved by save_model
         self.critic.save_state(folder, self.args.should_save)
 
     def epo_run_summary(self) -> dict:
