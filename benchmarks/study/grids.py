@@ -1,0 +1,166 @@
+"""The study's grids: a setting (one warm start + the flags every run shares) and a table of arms, each arm a dict
+of `examples/train_toy.py` flags that override the setting's. Adding an arm is adding one entry to `ARMS`, e.g.
+GiGPO once its branch lands: ``"gigpo": {"env_advantage_estimator": "gigpo", "epo_entropy_coef": 0.0}``.
+
+A run is ``python examples/train_toy.py --config <run>.yaml`` with `base` + the arm's overrides + ``seed`` +
+``output_dir`` (+ ``resume_from_checkpoint`` after an interruption): a normal training run of the example script.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sft import SFTSettings
+
+
+# The regime of the paper (issue 18, item 3): K = 8 optimizer updates per rollout, a cosine schedule with warm-up
+# that steps once per rollout, T = 1.0 for training and 0.4 for evaluation, 40 rollouts, evaluation every 5 rollouts
+# on fixed IID and OOD sets of 128 episodes each (the eval tasks and the training tasks are the same for every arm
+# and seed: task_seed is fixed; only `seed`, the sampling/initialisation seed of the RL run, varies).
+K = 8
+ROLLOUTS = 40
+EVAL_EVERY_ROLLOUTS = 5
+INSTRUCTION = "Act in the world. Answer with one action inside {example}."
+
+QUEST_BASE: dict[str, Any] = {
+    "env_name": "quest",
+    "num_tasks": 256,  # distinct training tasks (the dataset cycles)
+    "task_seed": 0,
+    "num_eval_tasks": 128,  # per split (IID and OOD), each played once at eval seed 0
+    "eval_splits": ["iid", "ood"],
+    "final_eval": False,  # the periodic evaluation runs at the last step already
+    "trainer": "grpo",
+    "use_cpu": True,
+    "bf16": False,
+    "report_to": "none",
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+    "max_steps": ROLLOUTS * K,
+    "env_updates_per_rollout": K,
+    "per_device_train_batch_size": 4,  # x K = 32 episodes per rollout
+    "num_generations": 8,  # 4 tasks x 8 episodes (GRPO groups)
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.1,  # a ratio: 4 of the 40 rollouts
+    "env_lr_per_rollout": True,
+    "temperature": 1.0,
+    "env_eval_temperature": 0.4,
+    "env_eval_seeds": [0],
+    "eval_strategy": "steps",
+    "eval_steps": EVAL_EVERY_ROLLOUTS * K,
+    "eval_on_start": True,  # the SFT start, identical for every run
+    "save_strategy": "steps",
+    "save_steps": EVAL_EVERY_ROLLOUTS * K,
+    "save_total_limit": 1,
+    "logging_steps": 1,
+    "loss_type": "dapo",
+    "beta": 0.0,
+    "env_history_turns": 2,  # the paper's windowed prompts: one row per turn
+    "env_max_turns": 32,
+    "env_max_turn_tokens": 12,
+    "env_instruction": INSTRUCTION,
+    "env_pool_backend": "inline",
+    "env_log_episodes": False,
+    "max_completion_length": 4096,
+}
+
+QUEST_SFT = SFTSettings(env="quest", history_turns=2, instruction=INSTRUCTION)
+
+# GRPO-only baselines set epo_entropy_coef = 0 (EPOTrainer is then TRL's GRPO loss exactly).
+ARMS: dict[str, dict[str, Any]] = {
+    "grpo": {"epo_entropy_coef": 0.0},
+    "epo_base": {"epo_entropy_coef": 1e-3, "epo_smoothing": "none"},
+    "epo_paper": {  # the paper's settings (lambda 1e-3, hinge, alpha 0.1, kappa [0, 2], cumulative, exp phase)
+        "epo_entropy_coef": 1e-3,
+        "epo_smoothing": "hinge",
+        "epo_smoothing_alpha": 0.1,
+        "epo_kappa_low": 0.0,
+        "epo_kappa_high": 2.0,
+        "epo_reference": "cumulative",
+        "epo_phase_schedule": "exp",
+    },
+    "epo_alpha2": {"epo_entropy_coef": 1e-3, "epo_smoothing": "hinge", "epo_smoothing_alpha": 2.0},  # alpha*beta > 1
+    "epo_constbeta": {"epo_entropy_coef": 1e-3, "epo_smoothing": "hinge", "epo_phase_schedule": "constant"},
+    "ppo": {"trainer": "ppo", "num_generations": 1, "epo_entropy_coef": 0.0},
+    "ppo_epo": {"trainer": "ppo", "num_generations": 1, "epo_entropy_coef": 1e-3, "epo_smoothing": "hinge"},
+}
+
+GRIDS: dict[str, dict[str, Any]] = {
+    # The tiny-model grid: 7 arms x 5 seeds.
+    "quest-tiny": {"base": QUEST_BASE, "sft": QUEST_SFT, "arms": ARMS, "seeds": [0, 1, 2, 3, 4]},
+    # The real-model arm (issue 18 item 6): SmolLM2-135M-Instruct SFT then GRPO vs GRPO + EPO on an easy setting
+    # (the 2-4-room toy env, full-context prompts); not run with the tiny grid (measured cost in the README).
+    "toy-smollm2": {
+        "base": {
+            **QUEST_BASE,
+            "env_name": "toy",
+            "num_eval_tasks": 128,
+            "max_steps": 10 * 2,
+            "env_updates_per_rollout": 2,
+            "per_device_train_batch_size": 4,
+            "num_generations": 4,
+            "learning_rate": 1e-5,
+            "eval_steps": 5 * 2,
+            "save_steps": 5 * 2,
+            "env_history_turns": 2,
+            "env_max_turns": 10,
+            "env_max_turn_tokens": 16,
+            "env_instruction": None,
+            "env_forward_token_budget": 1024,
+        },
+        "sft": SFTSettings(env="toy", tasks=64, steps=20, batch_size=8, learning_rate=2e-5, base_model="smollm2-135m"),
+        "arms": {"grpo": ARMS["grpo"], "epo_paper": ARMS["epo_paper"]},
+        "seeds": [0, 1],
+    },
+    # Seconds-long smoke setting of the runner (tests/scripts/test_study.py).
+    "smoke": {
+        "base": {
+            **QUEST_BASE,
+            "num_tasks": 4,
+            "num_eval_tasks": 2,
+            "max_steps": 2 * 2,
+            "env_updates_per_rollout": 2,
+            "per_device_train_batch_size": 2,
+            "num_generations": 2,
+            "eval_steps": 2,
+            "save_steps": 2,
+            "save_total_limit": None,  # keep checkpoint-2 for the resume test
+            "env_max_turns": 3,
+            "env_max_turn_tokens": 4,
+        },
+        "sft": SFTSettings(
+            env="quest",
+            tasks=4,
+            steps=2,
+            batch_size=4,
+            vocab_size=400,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            instruction=INSTRUCTION,
+        ),
+        "arms": {"grpo": ARMS["grpo"]},
+        "seeds": [0],
+    },
+}
+
+
+def run_config(grid: dict[str, Any], arm: str, seed: int, model: str | None, output_dir: str) -> dict[str, Any]:
+    """The full flag set of one run (the YAML the grid's script reads): the grid's `base_config` YAML (a path in the
+    repository, if any), then its `base`, then the arm's overrides, then the seed, the warm start and the folder.
+    A value of None removes the key (the script's default applies)."""
+    import os
+
+    import yaml
+
+    if arm not in grid["arms"]:
+        raise ValueError(f"Unknown arm {arm!r}; this grid has {sorted(grid['arms'])}.")
+    config: dict[str, Any] = {}
+    if grid.get("base_config"):
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(root, grid["base_config"])) as f:
+            config.update(yaml.safe_load(f))
+    config.update({**grid.get("base", {}), **grid["arms"][arm], "seed": seed, "output_dir": output_dir})
+    if model is not None:
+        config["model_name_or_path"] = model
+    return {k: v for k, v in config.items() if v is not None}
