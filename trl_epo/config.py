@@ -107,6 +107,8 @@ class EPOConfig(GRPOConfig):
             K: optimizer steps that consume one rollout's rows, every row exactly once (sets TRL's
             `steps_per_generation` to K x `gradient_accumulation_steps`; None: TRL's `steps_per_generation`, by default
             1 step). The reference code takes one step per mini-batch of 128 turn rows (64 for PPO): K ~ rows / 128.
+            Episodes are dealt to the steps at random (seeded by `seed` and the step), and every step is normalised
+            with the rollout's counts / K, so an episode's weight does not depend on the step it lands in.
         env_advantage_baseline (`str`, *optional*, defaults to `"episode"`):
             `"episode"`: GRPO's baseline over the G episodes of a group (the paper's formula). `"rows"`: the baseline
             over all turn rows of the group, each episode weighted by its number of rows (the paper's code, verl-agent).

@@ -13,6 +13,7 @@ validation (16 episodes per split), every result carries its episode count, its 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 import time
@@ -23,6 +24,7 @@ from .envs.base import TaskSpec
 from .envs.registry import get_env
 from .results import success_summary
 from .rollout.config import RolloutConfig
+from .seeding import derive_seed, isolated_rng
 
 
 def split_tasks(
@@ -70,29 +72,47 @@ def play_episodes(
     """Play every task once per seed with `rollout` and `generator`; returns one record per episode (all processes'
     records when `gather` is given). With several processes, task i is played by process i % num_processes, and
     every process plays the same number of batches (a short shard is padded with repeats whose records are
-    dropped), so collective generators (ZeRO-3, vLLM server) stay in step."""
-    import torch
+    dropped), so collective generators (ZeRO-3, vLLM server) stay in step.
 
+    Randomness: each (eval seed, process) samples from its own stream (`derive_seed`), on a forked copy of the global
+    RNGs (`isolated_rng`), and a generator with `seed_sampling` (vLLM) seeds its requests from it; the caller's RNG
+    states are the same after the evaluation as before it."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     per_process = -(-len(tasks) // num_processes)
     mine = [(i, t) for i, t in enumerate(tasks) if i % num_processes == process_index]
     padded = mine + [mine[j % len(mine)] if mine else (-1, tasks[0]) for j in range(per_process - len(mine))]
     records: list[dict[str, Any]] = []
+    seed_engine = getattr(generator, "seed_sampling", None)  # vLLM: per-request seeds
     for eval_seed in seeds:
-        torch.manual_seed(eval_seed)
-        random.seed(eval_seed)
-        for first in range(0, len(padded), batch_size):
-            chunk = padded[first : first + batch_size]
-            batch = rollout.play([t for _, t in chunk], generator, tokenizer)
-            for j, ((index, _), episode) in enumerate(zip(chunk, batch.episodes)):
-                if first + j < len(mine):  # not a padding repeat
-                    records.append(episode_record(episode, eval_seed, index))
-            if progress is not None:
-                progress(len(records), sum(r["won"] for r in records))
+        process_seed = derive_seed(eval_seed, process_index)
+        # The training RNG streams are left exactly as they were (`trl_epo.seeding`).
+        # vLLM gets the eval seed itself: its request ids carry the process, and a TP group's ranks must agree.
+        with isolated_rng(process_seed), _seeded_engine(seed_engine, eval_seed):
+            for first in range(0, len(padded), batch_size):
+                chunk = padded[first : first + batch_size]
+                batch = rollout.play([t for _, t in chunk], generator, tokenizer)
+                for j, ((index, _), episode) in enumerate(zip(chunk, batch.episodes)):
+                    if first + j < len(mine):  # not a padding repeat
+                        records.append(episode_record(episode, eval_seed, index))
+                if progress is not None:
+                    progress(len(records), sum(r["won"] for r in records))
     if gather is not None:
         records = [r for part in gather(records) for r in (part if isinstance(part, list) else [part])]
     return sorted(records, key=lambda r: (r["eval_seed"], r["index"]))
+
+
+@contextlib.contextmanager
+def _seeded_engine(seed_sampling, seed: int):
+    """Seed a generator's own sampler (vLLM's per-request seeds) for the block, and unseed it afterwards."""
+    if seed_sampling is None:
+        yield
+        return
+    seed_sampling(seed)
+    try:
+        yield
+    finally:
+        seed_sampling(None)
 
 
 def episode_record(episode, eval_seed: int, index: int) -> dict[str, Any]:

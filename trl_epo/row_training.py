@@ -35,10 +35,12 @@ from .rows import (
     filler_row,
     group_advantages,
     resolve_layout,
+    rollout_step_counts,
     schedule_rows,
     set_epo_weights,
     token_chunks,
 )
+from .seeding import derive_seed
 
 
 ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.pt"
@@ -201,9 +203,10 @@ class RowTrainingMixin:
             rows += episode_rows(i, e.prompt_ids, e.completion_ids, e.env_mask, e.turn_ids, e.logprobs, layout)
         self._assign_advantages(rows, rewards, batch)
         updates = args.steps_per_generation // args.gradient_accumulation_steps
-        steps, local_counts = schedule_rows(rows, updates, args.gradient_accumulation_steps)
+        deal = derive_seed(args.seed, self.state.global_step, accelerator.process_index)  # owned: no global RNG
+        steps, local_counts = schedule_rows(rows, updates, args.gradient_accumulation_steps, seed=deal)
         counts = accelerator.reduce(local_counts.to(accelerator.device), reduction="sum").cpu()
-        step_counts = [StepCounts(*counts[k].tolist()) for k in range(updates)]
+        step_counts = rollout_step_counts(counts)
         for k, step in enumerate(steps):
             set_epo_weights([r for micro in step for r in micro], step_counts[k], args.epo_entropy_aggregation)
         if updates > 1 or self.num_iterations > 1 or self._vllm_is_correction:

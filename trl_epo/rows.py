@@ -9,13 +9,15 @@ Layouts (`EPOConfig.env_sample_layout`):
 * ``"episode"`` (full-context conversations, `env_history_turns=None`): one row per episode, the whole conversation.
 
 Advantages are computed per episode (`group_advantages`: GRPO's groups of G episodes of a task) and broadcast to the
-episode's rows. A rollout's rows are consumed in K optimizer steps (`schedule_rows`): whole episodes are assigned to
-steps (Eq. 2 aggregates per episode, so an episode's rows stay in one step), rows to the step's micro-batches, and
-each micro-batch is cut into forward chunks under a token budget. Every row is used exactly once.
+episode's rows. A rollout's rows are consumed in K optimizer steps (`schedule_rows`): whole episodes are dealt to
+steps at random (Eq. 2 aggregates per episode, so an episode's rows stay in one step), rows to the step's
+micro-batches, and each micro-batch is cut into forward chunks under a token budget. Every row is used exactly once,
+and every step is normalised with the rollout's counts / K (`rollout_step_counts`).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -193,15 +195,18 @@ def _weighted_std(values, weights, mean, dims) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def balanced_bins(sizes: Sequence[int], num_bins: int) -> list[int]:
-    """Assign items to `num_bins` bins so that the largest bin total is small (longest processing time first; ties
-    go to the lower bin, so the result is deterministic). Returns the bin of every item."""
+def balanced_bins(sizes: Sequence[int], num_bins: int, order: Sequence[int] | None = None) -> list[int]:
+    """Assign items to `num_bins` bins so that the largest bin total is small: each item, in `order`, goes to the
+    bin with the smallest total so far (ties: fewer items, then the lower bin). The default order is longest first
+    (longest processing time: the tightest bins, deterministic). Returns the bin of every item."""
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
     totals = [0] * num_bins
     counts = [0] * num_bins
     assignment = [0] * len(sizes)
-    for item in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+    if order is None:
+        order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    for item in order:
         target = min(range(num_bins), key=lambda b: (totals[b], counts[b], b))
         assignment[item] = target
         totals[target] += sizes[item]
@@ -238,19 +243,26 @@ class StepCounts:
 
 
 def schedule_rows(
-    rows: Sequence[TrainingRow], num_steps: int, micro_steps: int
+    rows: Sequence[TrainingRow], num_steps: int, micro_steps: int, seed: int | None = None
 ) -> tuple[list[list[list[TrainingRow]]], torch.Tensor]:
     """Split a rollout's rows into `num_steps` optimizer steps of `micro_steps` micro-batches each.
 
-    Whole episodes go to steps (balanced by tokens), rows to the step's micro-batches (balanced by tokens). Returns
-    ``(steps, local_counts)``: ``steps[k][m]`` is a list of rows (possibly empty), and ``local_counts`` a
-    ``(num_steps, 3)`` tensor of this process's (rows, action tokens, trajectories) per step, to be summed over
-    processes into `StepCounts`."""
+    Whole episodes go to steps (Eq. 2 aggregates per episode), dealt in a random order (`seed`) each to the step with
+    the fewest tokens so far; with K steps and K episodes that is one episode per step, at random, as the paper's
+    code deals its mini-batches. (Longest first, `seed=None`, would give every step episodes of one length, and the
+    first update of every rollout the longest episodes: the failures that ran to the turn limit.) Rows go to the
+    step's micro-batches balanced by tokens. Returns ``(steps, local_counts)``: ``steps[k][m]`` is a list of rows
+    (possibly empty), and ``local_counts`` a ``(num_steps, 3)`` tensor of this process's (rows, action tokens,
+    trajectories) per step; summed over processes, `rollout_step_counts` turns them into the steps' normalisers."""
     episodes: dict[int, list[TrainingRow]] = {}
     for row in rows:
         episodes.setdefault(row.episode, []).append(row)
     keys = sorted(episodes)
-    step_of = balanced_bins([sum(r.length for r in episodes[e]) for e in keys], num_steps)
+    order = None
+    if seed is not None:
+        order = list(range(len(keys)))
+        random.Random(seed).shuffle(order)
+    step_of = balanced_bins([sum(r.length for r in episodes[e]) for e in keys], num_steps, order)
     steps: list[list[list[TrainingRow]]] = [[[] for _ in range(micro_steps)] for _ in range(num_steps)]
     counts = torch.zeros(num_steps, 3, dtype=torch.float64)
     for k in range(num_steps):
@@ -261,6 +273,18 @@ def schedule_rows(
         counts[k, 1] = sum(r.action_tokens for r in members)
         counts[k, 2] = sum(1 for e, s in zip(keys, step_of) if s == k and any(r.action_tokens for r in episodes[e]))
     return steps, counts
+
+
+def rollout_step_counts(counts: torch.Tensor) -> list[StepCounts]:
+    """The normalisers of a rollout's K optimizer steps from their global ``(K, 3)`` counts: every step gets the
+    rollout's totals divided by K. So a token weighs K/N in whichever step it lands (per-token losses), an episode K/B
+    (Eq. 2) and a row K/R (per-row losses), as they weigh 1/N, 1/B and 1/R with K = 1: an episode's weight in the
+    rollout's update does not depend on the lengths of the episodes it shares a step with. (Each step normalised by
+    its own counts makes a short episode's tokens weigh N_long/N_short times a long one's when steps are
+    length-homogeneous.) A step's total weight is its share of the rollout times K, about 1 when steps are balanced."""
+    k = counts.size(0)
+    totals = (counts.sum(0) / k).tolist()
+    return [StepCounts(*totals) for _ in range(k)]
 
 
 def set_epo_weights(rows: Sequence[TrainingRow], counts: StepCounts, aggregation: str) -> None:

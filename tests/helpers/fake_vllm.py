@@ -47,7 +47,7 @@ class EchoModel:
         ids = ids + [self.eos_token_id]
         return ids, [-(1 + (h + i) % 50) / 100 for i in range(len(ids))]
 
-    def answer(self, prompt, max_tokens: int) -> tuple[list[int], list[float]]:
+    def answer(self, prompt, max_tokens: int, seed=None) -> tuple[list[int], list[float]]:
         ids, logprobs = self.full_answer(prompt)
         return ids[:max_tokens], logprobs[:max_tokens]
 
@@ -64,11 +64,13 @@ class SamplingModel:
         self.model, self.eos_token_id, self.offset = model, eos_token_id, offset
 
     @torch.no_grad()
-    def answer(self, prompt, max_tokens: int) -> tuple[list[int], list[float]]:
+    def answer(self, prompt, max_tokens: int, seed=None) -> tuple[list[int], list[float]]:
+        """Like vLLM: a request with a `seed` samples from its own generator, one without from the global one."""
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
         context, ids, logprobs = torch.tensor([list(prompt)]), [], []
         for i in range(max_tokens):
             logp = torch.log_softmax(self.model(input_ids=context).logits[0, -1].float(), -1)
-            token = int(torch.multinomial(logp.exp(), 1))
+            token = int(torch.multinomial(logp.exp(), 1, generator=generator))
             ids.append(token)
             logprobs.append(float(logp[token]) + self.offset(i))
             context = torch.cat([context, torch.tensor([[token]])], 1)
@@ -106,7 +108,8 @@ class FakeServerClient:
                 raise ValueError(
                     f"Request failed: 400, prompt {len(prompt)} + max_tokens {max_tokens} > max_model_len"
                 )
-        answers = [self.model.answer(prompt, max_tokens) for prompt in prompts for _ in range(n)]
+        seed = (generation_kwargs or {}).get("seed")  # the server builds SamplingParams(**generation_kwargs)
+        answers = [self.model.answer(prompt, max_tokens, seed=seed) for prompt in prompts for _ in range(n)]
         return {
             "prompt_ids": [list(p) for p in prompts],
             "completion_ids": [ids for ids, _ in answers],
@@ -162,7 +165,7 @@ class FakeLLM:
                         f"The prompt (length {len(ids)}) is longer than max_model_len {self.max_model_len}"
                     )
                 room = min(room, self.max_model_len - len(ids))  # the engine stops at the maximum model length
-            answer, logprobs = self.model.answer(ids, room)
+            answer, logprobs = self.model.answer(ids, room, seed=getattr(sp, "seed", None))
             steps = [{t: SimpleNamespace(logprob=lp, rank=1)} for t, lp in zip(answer, logprobs)]
             completion = SimpleNamespace(token_ids=answer, logprobs=steps)
             outputs.append(SimpleNamespace(prompt_token_ids=list(ids), outputs=[completion]))

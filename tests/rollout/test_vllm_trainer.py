@@ -144,3 +144,60 @@ def test_context_over_the_engine_limit_ends_the_episode_as_truncated(tokenizer, 
     logged = trainer._metrics["train"]
     assert logged["rollout/truncation_rate"][-1] == 1.0 and logged["rollout/context_limit_episodes"][-1] == 2
     trainer.close_envs()
+
+
+def _state_hash() -> str:
+    import hashlib
+    import random
+
+    return hashlib.sha1(torch.get_rng_state().numpy().tobytes() + repr(random.getstate()).encode()).hexdigest()
+
+
+def _record_episodes(monkeypatch):
+    from trl_epo import evaluation as evaluation_module
+
+    played, real = [], evaluation_module.episode_record
+
+    def record(episode, eval_seed, index):
+        played.append((eval_seed, index, tuple(episode.completion_ids)))
+        return real(episode, eval_seed, index)
+
+    monkeypatch.setattr(evaluation_module, "episode_record", record)
+    return played
+
+
+def test_vllm_evaluation_seeds_its_requests_and_training_does_not(tokenizer, make_model, tmp_path, monkeypatch):
+    from trl_epo.rollout import vllm as vllm_module
+
+    seeds = []
+    real_params = vllm_module.VLLMSession._sampling_params
+
+    def params(self, limit, seed=None):
+        seeds.append(seed)
+        return real_params(self, limit, seed)
+
+    monkeypatch.setattr(vllm_module.VLLMSession, "_sampling_params", params)
+    trainer, llm = vllm_trainer(
+        tokenizer, make_model(initializer_range=0.5), tmp_path, monkeypatch, eval_strategy="steps", eval_steps=1
+    )
+    trainer._play_rollout_batch([dict(r) for r in make_dataset("train", 1)] * 2)
+    assert seeds and all(s is None for s in seeds)  # training: vLLM's own (per-process) sampling
+    played = _record_episodes(monkeypatch)
+    per_eval = []
+    for prior in (1, 2):
+        seeds.clear()
+        torch.manual_seed(prior)
+        before = _state_hash()
+        trainer.evaluate()
+        assert _state_hash() == before
+        assert seeds and all(s is not None for s in seeds) and len(set(seeds)) == len(seeds)  # one per request
+        per_eval.append((list(seeds), list(played)))
+        played.clear()
+    assert per_eval[0] == per_eval[1]  # the eval seed fixes the requests' seeds and so the episodes
+    trainer.args.env_eval_seeds = [5]
+    seeds.clear()
+    trainer.evaluate()
+    assert not set(seeds) & set(per_eval[0][0])
+    trainer._play_rollout_batch([dict(r) for r in make_dataset("train", 1)] * 2)
+    assert seeds[-1] is None  # unseeded again after the evaluation
+    trainer.close_envs()

@@ -100,6 +100,11 @@ def test_k_updates_consume_every_row_once_with_old_logps(tokenizer, make_model, 
     def score(self, inputs):
         micro = real_score(self, inputs)
         rollouts.append([id(row) for mb in micro for row in mb.rows])
+        # Every step is normalised with the rollout's counts / K, whatever episodes it holds.
+        rows = [row for mb in micro for row in mb.rows if row.episode >= 0]
+        expected = (len(rows) / 3, sum(r.action_tokens for r in rows) / 3, len({r.episode for r in rows}) / 3)
+        for mb in micro:
+            assert (mb.counts.rows, mb.counts.action_tokens, mb.counts.trajectories) == pytest.approx(expected)
         return micro
 
     monkeypatch.setattr(RowTrainingMixin, "_chunk_inputs", chunk_inputs)
@@ -294,7 +299,7 @@ def test_eq2_and_advantages_with_episodes_that_failed_at_reset(tokenizer, make_m
     weight = {}
     for episode, w, advantage, trajectories in seen:
         weight[episode] = weight.get(episode, 0.0) + w
-        assert trajectories == 4  # B: the 4 healthy episodes, counted over the whole step (2 micro-batches)
+        assert trajectories == 4  # B: the 4 healthy episodes, counted over the whole rollout (2 micro-batches)
         if episode in failed:
             assert advantage == 0.0
     assert all(weight[e] == 0.0 for e in failed)

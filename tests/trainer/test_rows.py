@@ -179,3 +179,68 @@ def test_turn_importance_ratios_multiply_within_a_turn_only():
     assert ratio[0, 2:].tolist() == pytest.approx([math.exp(-0.5)] * 2, rel=1e-5)
     token = importance_ratios(old, sampling, mask, turns, "token_mask", 0.7, 1.15)
     assert token[0].tolist() == pytest.approx([math.exp(0.1), 0.0, 1.0, 0.0], rel=1e-5)  # exp(0.2) > 1.15 masked
+
+
+def _paper_shaped_rollout(seed=0):
+    """16 episodes (one process of the ScienceWorld paper configs): successes of 4-10 turns, failures of 30."""
+    import random
+
+    rng = random.Random(seed)
+    rows, won = [], {}
+    for e in range(16):
+        won[e] = rng.random() < 0.4
+        for t in range(rng.randint(4, 10) if won[e] else 30):
+            rows.append(TrainingRow([1] * 200, [2] * 6, [1] * 6, [t] * 6, episode=e))
+    return rows, won
+
+
+def _episode_weights(steps, step_counts):
+    """Each episode's per-token (dapo: 1/N) and per-episode (Eq. 2: 1/B) weight in the step it landed in."""
+    token, episode = {}, {}
+    for step, counts in zip(steps, step_counts):
+        for micro in step:
+            for r in micro:
+                token[r.episode] = 1.0 / counts.action_tokens
+                episode[r.episode] = 1.0 / counts.trajectories
+    return token, episode
+
+
+def test_k_updates_weigh_every_episode_alike_whatever_its_step():
+    # K = 16 steps of one episode each: normalised per step, a 5-turn success's tokens would weigh 6x a 30-turn
+    # failure's. With the rollout's counts / K every token and every episode weighs the same in every step.
+    from trl_epo.rows import rollout_step_counts
+
+    rows, won = _paper_shaped_rollout()
+    steps, counts = schedule_rows(rows, num_steps=16, micro_steps=1, seed=3)
+    assert all(len({r.episode for r in step[0]}) == 1 for step in steps)  # one episode per step
+    step_counts = rollout_step_counts(counts)
+    token, episode = _episode_weights(steps, step_counts)
+    n, b = counts[:, 1].sum().item(), counts[:, 2].sum().item()
+    assert all(math.isclose(w, 16 / n) for w in token.values())
+    assert all(math.isclose(w, 16 / b) for w in episode.values())
+    # The same weights as one step over the whole rollout (K = 1), up to the factor K.
+    (single,), one = schedule_rows(rows, num_steps=1, micro_steps=1, seed=3)
+    (k1,) = rollout_step_counts(one)
+    assert math.isclose(k1.action_tokens, n) and math.isclose(k1.trajectories, b)
+    # Each step's total token weight is its share of the rollout x K: K in all.
+    totals = [sum(r.action_tokens for r in step[0]) / c.action_tokens for step, c in zip(steps, step_counts)]
+    assert math.isclose(sum(totals), 16.0)
+
+
+def test_episodes_are_dealt_to_steps_at_random_not_longest_first():
+    rows, won = _paper_shaped_rollout()
+    length = {e: sum(r.length for r in rows if r.episode == e) for e in won}
+    firsts = set()
+    for seed in range(8):
+        steps, _ = schedule_rows(rows, num_steps=16, micro_steps=1, seed=seed)
+        order = [step[0][0].episode for step in steps]
+        assert sorted(order) == sorted(won)  # every episode once
+        firsts.add(order[0])
+        assert [length[e] for e in order] != sorted((length[e] for e in order), reverse=True)
+    assert len(firsts) > 2  # the first update does not always see the longest episode
+    again, _ = schedule_rows(rows, num_steps=16, micro_steps=1, seed=5)
+    steps, _ = schedule_rows(rows, num_steps=16, micro_steps=1, seed=5)
+    assert [s[0][0].episode for s in again] == [s[0][0].episode for s in steps]  # a seed reproduces the deal
+    # More episodes than steps: still balanced by tokens within about one episode.
+    loads = [sum(r.length for r in step[0]) for step in schedule_rows(rows, num_steps=4, micro_steps=1, seed=1)[0]]
+    assert max(loads) - min(loads) <= max(length.values())

@@ -168,13 +168,15 @@ class EPOPPOTrainer(EPOTrainer):
 
     def _score_rollout(self, inputs: list[dict[str, Any]]) -> list[MicroBatch]:
         micro_batches = super()._score_rollout(inputs)
-        # The value loss is a token mean over each optimizer step (all its micro-batches, all processes).
+        # The value loss: a token mean over the rollout's value tokens (all processes) times K, so a token weighs the
+        # same whichever of the K steps it lands in (as the policy's normalisers, `rows.rollout_step_counts`).
         accumulation = self.args.gradient_accumulation_steps
         steps = [micro_batches[k : k + accumulation] for k in range(0, len(micro_batches), accumulation)]
         local = torch.tensor(
             [sum(sum(r.extra["value_mask"]) for m in step for r in m.rows) for step in steps], dtype=torch.float64
         )
-        totals = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").tolist()
+        totals = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum")
+        totals = [float(totals.sum()) / len(steps)] * len(steps)
         for step, total in zip(steps, totals):
             for micro in step:
                 for row in micro.rows:

@@ -147,6 +147,12 @@ class TrainerGenerator(ModelGenerator):
         if policy.full_params is not None:
             self._stack.enter_context(policy.full_params())
 
+    def seed_sampling(self, seed: int | None) -> None:
+        """vLLM: seed the engine's requests from `seed` (None: unseeded); HF `generate` samples from torch's global
+        RNG, which the evaluation seeds itself (`trl_epo.seeding.isolated_rng`)."""
+        if self._session is not None:
+            self._session.seed_sampling(seed)
+
     def generate(self, contexts, limits):
         if self._session is None:
             return super().generate(contexts, limits)

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
 
+from ..seeding import derive_seed
+
 
 RequestId = tuple[int, int]
 Answer = tuple[list[int], list[float] | None]
@@ -90,6 +92,14 @@ class VLLMSession:
         self.accelerator = accelerator
         self.eos_token_ids = set(eos_token_ids)
         self.sampling = dict(sampling or {})
+        self.seed: int | None = None  # `seed_sampling`: requests seeded from it (evaluation), else vLLM's own seeds
+        self._calls = 0
+
+    def seed_sampling(self, seed: int | None) -> None:
+        """Seed every following request from `seed` (each request gets `derive_seed(seed, call, process, position)`,
+        the server's calls `derive_seed(seed, call, limit)`), or stop seeding (None). An evaluation seeds its engine
+        so that an eval seed fixes its episodes as it does with HF `generate`."""
+        self.seed, self._calls = seed, 0
 
     @property
     def sleeps(self) -> bool:
@@ -132,6 +142,7 @@ class VLLMSession:
         process calls it once per turn, with however many contexts it has (none included)."""
         index = self.accelerator.process_index
         requests = [((index, i), list(c), max(1, int(n))) for i, (c, n) in enumerate(zip(contexts, limits))]
+        self._calls += 1  # every process calls once per turn, so the call count is the same on all of them
         if self.backend.mode == "server":
             answers = self._server(requests)
         elif self.backend.mode == "colocate":
@@ -157,12 +168,13 @@ class VLLMSession:
         extra = settings.pop("generation_kwargs")
 
         def send(limit: int, group: list) -> dict[RequestId, Answer]:
+            kwargs = extra if self.seed is None else {**extra, "seed": derive_seed(self.seed, self._calls, limit)}
             output = client.generate(
                 prompts=[prompt for _, prompt in group],
                 n=1,
                 max_tokens=limit,
                 structured_outputs_regex=self.backend.structured_outputs_regex,
-                generation_kwargs=extra,
+                generation_kwargs=kwargs,
                 **settings,
             )
             logprobs = output.get("logprobs") or [None] * len(group)
@@ -189,11 +201,15 @@ class VLLMSession:
             return {}
         if size > 1 and is_peft_model(backend.model):  # as TRL: drain NCCL before vLLM's TP collectives
             torch.distributed.barrier(device_ids=[self.accelerator.local_process_index])
-        params: dict[int, Any] = {}
+        if self.seed is None:
+            params: dict[int, Any] = {}
+            sampling = [params.setdefault(limit, self._sampling_params(limit)) for _, _, limit in everyone]
+        else:  # one seed per request, the same on every rank of a TP group
+            sampling = [
+                self._sampling_params(limit, derive_seed(self.seed, self._calls, *rid)) for rid, _, limit in everyone
+            ]
         outputs = backend.llm.generate(
-            [{"prompt_token_ids": prompt} for _, prompt, _ in everyone],
-            sampling_params=[params.setdefault(limit, self._sampling_params(limit)) for _, _, limit in everyone],
-            use_tqdm=False,
+            [{"prompt_token_ids": prompt} for _, prompt, _ in everyone], sampling_params=sampling, use_tqdm=False
         )
         answers = {}
         for (rid, _, _), output in zip(everyone, outputs, strict=True):
@@ -226,7 +242,7 @@ class VLLMSession:
         settings["generation_kwargs"] = extra
         return settings
 
-    def _sampling_params(self, limit: int):
+    def _sampling_params(self, limit: int, seed: int | None = None):
         from trl.generation import vllm_generation
 
         if not hasattr(vllm_generation, "SamplingParams"):
@@ -234,6 +250,8 @@ class VLLMSession:
         settings = self._settings()
         kwargs = {"n": 1, **settings, **settings.pop("generation_kwargs")}
         kwargs.update(n=1, max_tokens=limit)
+        if seed is not None:
+            kwargs["seed"] = seed
         if self.backend.structured_outputs_regex is not None:
             kwargs["structured_outputs"] = vllm_generation.StructuredOutputsParams(
                 regex=self.backend.structured_outputs_regex
