@@ -11,7 +11,7 @@ task families:
 
 Each observation says in which direction the next gem (or the goal) lies, so one window of history is enough to act
 well (the paper's windowed prompts), but a good policy still needs >= 15 turns (train/IID layouts are drawn until the
-shortest solution has 15-22 steps, OOD 22-28; the registry's turn limit is 32): a long horizon where every episode ends
+shortest solution has 15-19 steps, OOD 21-24; the registry's turn limit is 28): a long horizon where every episode ends
 with a binary outcome reward (1.0 on the solving turn, else 0). (task, variation, seed) fully determine an episode.
 Pure Python and thread-safe (no shared state), so it runs in any `EnvPool` backend.
 """
@@ -44,8 +44,7 @@ FURNITURE = ["lamp", "book", "chair", "rug", "vase", "clock"]
 TASKS = ("gems-altar", "gems-door")
 DIRECTIONS = {"east": 1, "west": -1}
 SPLITS = ("train", "iid", "ood")
-SOLUTION_RANGE = {"train": (15, 22), "iid": (15, 22), "ood": (22, 28)}  # shortest-solution steps
-MAX_TURNS = 32  # the registry default: OOD solutions need <= 28
+SOLUTION_RANGE = {"train": (15, 19), "iid": (15, 19), "ood": (21, 24)}  # shortest-solution steps
 
 
 def layout_size(spec: TaskSpec) -> tuple[int, int]:
