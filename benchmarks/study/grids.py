@@ -87,6 +87,17 @@ ARMS: dict[str, dict[str, Any]] = {
     "ppo_epo": {"trainer": "ppo", "num_generations": 1, "epo_entropy_coef": 1e-3, "epo_smoothing": "hinge"},
 }
 
+
+def gpu_arms(alpha: float) -> dict[str, dict[str, Any]]:
+    """The arms at GPU scale: the tiny grid's, with the paper's alpha of the env and, for PPO, the rebuttal's
+    lr 3e-6 (policy and critic)."""
+    arms = {name: dict(overrides) for name, overrides in ARMS.items()}
+    arms["epo_paper"]["epo_smoothing_alpha"] = alpha
+    for name in ("ppo", "ppo_epo"):
+        arms[name].update(learning_rate=3e-6, critic_learning_rate=3e-6)
+    return arms
+
+
 GRIDS: dict[str, dict[str, Any]] = {
     # The tiny-model grid: 7 arms x 5 seeds.
     "quest-tiny": {"base": QUEST_BASE, "sft": QUEST_SFT, "arms": ARMS, "seeds": [0, 1, 2, 3, 4]},
@@ -113,6 +124,37 @@ GRIDS: dict[str, dict[str, Any]] = {
         "sft": SFTSettings(env="toy", tasks=64, steps=20, batch_size=8, learning_rate=2e-5, base_model="smollm2-135m"),
         "arms": {"grpo": ARMS["grpo"], "epo_paper": ARMS["epo_paper"]},
         "seeds": [0, 1],
+    },
+    # ---- The same study at GPU scale (issue 18 item 7; prepared, not run here): Qwen2.5-1.5B-Instruct with the
+    # paper's settings from the example configs, one run at a time on 8 GPUs (`--jobs 1`), every 5 rollouts
+    # evaluated on 128 IID + 128 OOD tasks and checkpointed (so an interrupted run resumes there).
+    "sciworld-qwen1.5b": {
+        "script": "examples/train_sciworld.py",
+        "launcher": ["accelerate", "launch", "--num_processes", "8"],
+        "base_config": "examples/configs/sciworld_qwen2.5-1.5b.yaml",
+        "base": {"save_steps": 80, "save_total_limit": 1},
+        "sft": None,
+        "arms": gpu_arms(alpha=0.05),
+        "seeds": [0, 1, 2],
+    },
+    "alfworld-qwen1.5b": {
+        "script": "examples/train_alfworld.py",
+        "launcher": ["accelerate", "launch", "--num_processes", "8"],
+        "base_config": "examples/configs/alfworld_qwen2.5-3b.yaml",
+        "base": {
+            "model_name_or_path": "Qwen/Qwen2.5-1.5B-Instruct",
+            "per_device_train_batch_size": 1,  # x 8 GPUs x K = 16 -> 128 episodes per rollout
+            "num_eval_games": 128,
+            "eval_strategy": "steps",
+            "eval_steps": 80,  # every 5 rollouts
+            "env_eval_temperature": 0.4,
+            "save_steps": 80,
+            "save_total_limit": 1,
+        },
+        "sft": None,
+        # examples/train_alfworld.py has no `--trainer ppo` (yet): the GRPO-family arms only
+        "arms": {k: v for k, v in gpu_arms(alpha=0.1).items() if not k.startswith("ppo")},
+        "seeds": [0, 1, 2],
     },
     # Seconds-long smoke setting of the runner (tests/scripts/test_study.py).
     "smoke": {
