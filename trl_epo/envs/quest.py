@@ -9,8 +9,8 @@ task families:
 * ``gems-altar``: collect the gems in order, bring them back to the hall (the west-most room), ``place gems``.
 * ``gems-door``: collect the gems in order, go to the east-most room, ``open door``.
 
-Each observation says in which direction the next gem (or the goal) lies, so one window of history is enough to act
-well (the paper's windowed prompts), but a good policy still needs >= 15 turns (train/IID layouts are drawn until the
+Every observation describes the room and says in which direction the next gem (or the goal) lies, so the current
+observation is enough to act well (the paper's windowed prompts), but a good policy still needs >= 15 turns (train/IID layouts are drawn until the
 shortest solution has 15-19 steps, OOD 21-24; the registry's turn limit is 28): a long horizon where every episode ends
 with a binary outcome reward (1.0 on the solving turn, else 0). (task, variation, seed) fully determine an episode.
 Pure Python and thread-safe (no shared state), so it runs in any `EnvPool` backend.
@@ -129,7 +129,7 @@ class QuestEnv:
             else:
                 self.objects[self.room].remove(thing)
                 self.inventory.append(thing)
-                text = f"You take the {thing}. " + self._hint()
+                text = f"You take the {thing}."
         elif command in ("place gems", "place the gems"):
             if self.room != 0 or self._spec.task != "gems-altar":
                 text, invalid = "There is no altar here.", True
@@ -146,6 +146,8 @@ class QuestEnv:
                 text, reward, self.won = "The gems unseal the door and it opens. You win!", 1.0, True
         else:
             text, invalid = "Nothing happens. That is not a command I know.", True
+        if not self.won and not command.startswith(("look", "go ")) or (command.startswith("go ") and invalid):
+            text += " " + self._describe()  # every observation says where the agent is and where to go next
         self.done = self.won or self.steps >= self.max_steps
         result = self._result(text, reward=reward)
         result.info["invalid_action"] = invalid
