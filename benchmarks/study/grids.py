@@ -64,7 +64,7 @@ QUEST_BASE: dict[str, Any] = {
     "max_completion_length": 16384,  # the episode token budget: 28 windowed turns of ~220 tokens (4096 cut them at ~21)
 }
 
-# 400 SFT steps: success at T=0.4 about 0.15 and at T=1.0 about 0.06 (measured at 300 steps with one step of history):
+# 350 SFT steps: success at T=0.4 about 0.15 and at T=1.0 about 0.06 (measured at 300 steps with one step of history):
 # an imperfect start with a non-zero training signal.
 QUEST_SFT = SFTSettings(env="quest", tasks=150, steps=350, vocab_size=1024, history_turns=2, instruction=INSTRUCTION)
 
