@@ -80,6 +80,8 @@ def curves(log_history: list[dict[str, Any]], k: int, eval_splits: list[str]) ->
         if not any(f"eval/{s}/success_rate" in h for s in eval_splits):
             continue
         point = {"step": int(h.get("step", 0)), "rollout": int(h.get("step", 0)) // k}
+        if any(p["step"] == point["step"] for p in out["eval"]):
+            continue  # an evaluation repeated at a resume step
         for split in eval_splits:
             if f"eval/{split}/success_rate" in h:
                 rate, episodes = h[f"eval/{split}/success_rate"], int(h[f"eval/{split}/episodes"])
@@ -128,6 +130,7 @@ class Run:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint:
             config["resume_from_checkpoint"] = checkpoint
+            config["eval_on_start"] = False  # the start was evaluated by the first attempt
         config_path = os.path.join(self.run_dir, "run_config.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
