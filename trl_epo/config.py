@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .gigpo import ADVANTAGE_ESTIMATORS, ANCHOR_SOURCES, STEP_NORMS, check_gigpo_settings
+from .group_filter import check_filter_settings
 from .importance import IMPORTANCE_SAMPLING_MODES
 from .objective import AGGREGATIONS, PHASE_SCHEDULES, REFERENCE_MODES, SMOOTHING_MODES
 from .rollout.config import ENV_ERROR_MODES, POOL_BACKENDS, REWARD_MODES, RolloutConfig, check_setting
@@ -136,6 +138,30 @@ class EPOConfig(GRPOConfig):
             neither episode length nor the number of turns can mask or crush (truncated IS, verl's default). Also
             `"token_mask"`, `"turn_truncate"` / `"turn_mask"` (one ratio per turn, the product over the tokens of one
             sampling call) and TRL's `"sequence_truncate"` / `"sequence_mask"` (one ratio per row).
+        env_advantage_estimator (`str`, *optional*, defaults to `"grpo"`):
+            `"grpo"`: every turn of an episode gets its episode's advantage. `"gigpo"` (GiGPO, arXiv 2505.10978,
+            `trl_epo.gigpo`): the episode advantage plus `env_gigpo_step_weight` x a step advantage from the turns of
+            the group in the same anchor state (their discounted returns, normalised within that step group).
+        env_gigpo_gamma (`float`, *optional*, defaults to `0.95`):
+            GiGPO's discount of the step returns.
+        env_gigpo_step_weight (`float`, *optional*, defaults to `1.0`):
+            omega: the weight of the step advantage.
+        env_gigpo_step_norm (`str`, *optional*, defaults to `"mean_norm"`):
+            Step advantage within a step group: `"mean_norm"` (return - mean) or `"mean_std_norm"` (/ (std + 1e-6)).
+        env_gigpo_similarity (`float` or `None`, *optional*, defaults to `None`):
+            Merge anchor keys whose difflib similarity ratio is at least this (verl-agent: 0.95); None: exact keys.
+        env_gigpo_anchor (`str`, *optional*, defaults to `"env"`):
+            Anchor key of a turn: `"env"` (the env's canonical state key, `StepResult.info["anchor"]`, where it gives
+            one; else its observation text) or `"observation"` (always the env's raw observation text, verl-agent).
+        env_filter_groups (`bool`, *optional*, defaults to `False`):
+            Dynamic sampling: drop groups whose rewards all agree and refill the batch from rollouts of freshly drawn
+            tasks (`trl_epo.group_filter`, which also says what is trained when none is informative).
+        env_filter_max_rollouts (`int`, *optional*, defaults to `10`):
+            At most this many rollouts per step with `env_filter_groups`, the first included (verl: 10).
+        env_max_failed_rollouts (`int` or `None`, *optional*, defaults to `3`):
+            Stop training with an error after this many consecutive rollouts in which every episode's environment
+            failed (at reset or mid-episode, on all processes); `None` never stops. Failed episodes are counted
+            (`rollout/env_error_episodes`) and never trained on, so such a run would otherwise go on learning nothing.
     """
 
     # ---- EPO objective
@@ -241,6 +267,38 @@ class EPOConfig(GRPOConfig):
             "choices": list(IMPORTANCE_SAMPLING_MODES),
         },
     )
+    env_advantage_estimator: str = field(
+        default="grpo",
+        metadata={
+            "help": "'grpo' or 'gigpo' (+ anchor-state step advantages).",
+            "choices": list(ADVANTAGE_ESTIMATORS),
+        },
+    )
+    env_gigpo_gamma: float = field(default=0.95, metadata={"help": "GiGPO: discount of the step returns."})
+    env_gigpo_step_weight: float = field(default=1.0, metadata={"help": "GiGPO: omega, weight of the step advantage."})
+    env_gigpo_step_norm: str = field(
+        default="mean_norm", metadata={"help": "GiGPO step normalisation.", "choices": list(STEP_NORMS)}
+    )
+    env_gigpo_similarity: float | None = field(
+        default=None, metadata={"help": "GiGPO: merge anchors with a difflib ratio >= this (None: exact)."}
+    )
+    env_gigpo_anchor: str = field(
+        default="env",
+        metadata={
+            "help": "GiGPO anchor key: 'env' (info['anchor']) or 'observation'.",
+            "choices": list(ANCHOR_SOURCES),
+        },
+    )
+    env_filter_groups: bool = field(
+        default=False, metadata={"help": "Dynamic sampling: drop zero-variance groups, refill from extra rollouts."}
+    )
+    env_filter_max_rollouts: int = field(
+        default=10, metadata={"help": "Rollouts per step at most with env_filter_groups (the first included)."}
+    )
+    env_max_failed_rollouts: int | None = field(
+        default=3,
+        metadata={"help": "Stop after this many consecutive rollouts whose every env failed (None: never)."},
+    )
 
     def __post_init__(self):
         k = self.env_updates_per_rollout
@@ -288,11 +346,20 @@ class EPOConfig(GRPOConfig):
             "it must be >= 1 or None",
         )
         check_setting(
+            self.env_max_failed_rollouts is None
+            or (isinstance(self.env_max_failed_rollouts, int) and self.env_max_failed_rollouts >= 1),
+            "env_max_failed_rollouts",
+            self.env_max_failed_rollouts,
+            "it must be an integer >= 1 or None",
+        )
+        check_setting(
             self.env_packed_mask_limit_gb > 0,
             "env_packed_mask_limit_gb",
             self.env_packed_mask_limit_gb,
             "it must be > 0",
         )
+        check_gigpo_settings(self, check_setting)
+        check_filter_settings(self.env_filter_max_rollouts, check_setting)
 
     @property
     def env_updates(self) -> int:

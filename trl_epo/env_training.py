@@ -28,6 +28,7 @@ class EnvTrainingMixin:
     _rollout_env: str | None = None  # the env the rollout config was resolved for
     _packed_block_marker: list[int] | None = None
     _rollouts_played = 0
+    _failed_rollouts = 0  # consecutive training rollouts in which every episode's env failed
     _vllm_context_limit: tuple[int | None] | None = None  # the engine's max model length, asked once
 
     # ---- rollouts
@@ -91,11 +92,28 @@ class EnvTrainingMixin:
         total = RolloutStats.from_list(self.accelerator.reduce(local, reduction="sum").tolist())
         for key, value in total.metrics(self.accelerator.num_processes).items():
             self._metrics[mode][key].append(float(value))
+        if mode == "train":
+            self._check_failed_rollouts(total, batch)
         if self.args.env_log_episodes:
             name = f"{mode}_step{self.state.global_step:06d}_batch{self._rollouts_played:05d}"
             path = os.path.join(self.args.output_dir, ROLLOUT_LOG_DIR, f"{name}_rank{self.accelerator.process_index}")
             batch.write_transcripts(path + ".jsonl")
         self._rollouts_played += 1
+
+    def _check_failed_rollouts(self, total: RolloutStats, batch: RolloutBatch) -> None:
+        """Stop after `env_max_failed_rollouts` consecutive rollouts in which every episode's env failed (all
+        processes' episodes; the same decision on every process): such a run would train on nothing but warnings."""
+        failed = total.episodes > 0 and total.env_error_episodes == total.episodes
+        self._failed_rollouts = self._failed_rollouts + 1 if failed else 0
+        limit = self.args.env_max_failed_rollouts
+        if limit and self._failed_rollouts >= limit:
+            errors = [e.env_error for e in batch.episodes if e.env_error is not None]
+            raise RuntimeError(
+                f"The last {self._failed_rollouts} rollouts failed in every episode: every environment raised (e.g. "
+                f"{str(errors[0]).splitlines()[0][:300] if errors else 'on another process'!r}), so training has nothing to learn "
+                "from. Check the environment with `trl_epo.envs.checker.check_text_env(env, task)`; "
+                "env_max_failed_rollouts sets how many such rollouts in a row stop the run (None: never)."
+            )
 
     def rollout_record(self) -> dict[str, Any] | None:
         """The resolved rollout settings, as `trl-epo evaluate` reads them back from `epo_run.json`."""
@@ -176,6 +194,7 @@ class EnvTrainingMixin:
             f"eval/{split}/success_ci_high": high,
             f"eval/{split}/mean_turns": result["mean_turns"],
             f"eval/{split}/episodes": float(result["num_episodes"]),
+            f"eval/{split}/env_error_episodes": float(result["env_error_episodes"]),
             f"eval/{split}/weight_syncs": float(generator.weight_syncs),
         }
 

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import get_scheduler
+from accelerate.utils import DistributedType, gather_object
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import nanstd, use_adapter
+from trl.trainer.utils import RepeatSampler, nanstd, use_adapter
 
+from . import row_buffer
+from .gigpo import assign_gigpo, episode_turns
+from .group_filter import filter_groups, refill_task_rows
 from .importance import importance_ratios, mismatch_metrics, mismatch_sums
+from .lr_schedule import lr_scheduler_of, per_rollout_schedule  # noqa: F401 (re-exported)
 from .packing import check_packed_forward, packed_rows_one_per_forward
 from .rows import (
     StepCounts,
@@ -40,10 +41,12 @@ from .rows import (
     set_epo_weights,
     token_chunks,
 )
+from .sampling import EpochRepeatSampler, epochs_completed
 from .seeding import derive_seed
 
 
-ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.pt"
+ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.safetensors"  # `trl_epo.row_buffer`: tensors + JSON, no pickle
+LEGACY_ROW_BUFFER_NAME = "epo_rollout_buffer_rank{rank}.pt"  # older releases' pickle: refused, never loaded
 PER_SEQUENCE_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # TRL normalises these per row, then per micro-batch
 PER_TOKEN_LOSSES = ("bnpo",)  # per action token of the micro-batch
 GLOBAL_TOKEN_LOSSES = ("dapo", "cispo", "vespo")  # per action token of the step, through `num_items_in_batch`
@@ -57,20 +60,11 @@ class MicroBatch:
     counts: StepCounts
 
 
-class _PerRollout:
-    """An LR-lambda that advances once per rollout of `k` optimizer steps (picklable, for LambdaLR's state)."""
-
-    def __init__(self, fn, k: int):
-        self.fn, self.k = fn, k
-
-    def __call__(self, step: int) -> float:
-        return self.fn(step // self.k)
-
-
 class RowTrainingMixin:
     """Training on environment rows (see the module docstring); active when the trainer has an env rollout."""
 
     _row_buffer: list[MicroBatch] | None = None
+    _epoch_sampler: EpochRepeatSampler | None = None
 
     @property
     def _row_mode(self) -> bool:
@@ -80,7 +74,13 @@ class RowTrainingMixin:
     def _layout(self) -> str:
         return resolve_layout(self.args.env_sample_layout, self.args.env_history_turns is not None)
 
-    # ---- TRL hooks: a micro-step's inputs, and the micro-step itself
+    # ---- TRL hooks: the task order, a micro-step's inputs, and the micro-step itself
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        if self._row_mode and isinstance(sampler, RepeatSampler):  # epoch e's order from (seed, e): resumable
+            sampler = self._epoch_sampler = EpochRepeatSampler.of(sampler)
+        return sampler
+
     def _prepare_inputs(self, generation_batch):
         if not self._row_mode or not self.model.training:
             return super()._prepare_inputs(generation_batch)
@@ -168,6 +168,7 @@ class RowTrainingMixin:
         else:
             scale = accumulation * len(real) * processes / max(1.0, counts.rows)
         inputs["row_loss_scale"] = scale
+        inputs["row_step_action_tokens"] = counts.action_tokens  # TRL's entropy bonus: the step's token mean
         if self._vllm_is_correction:  # TRL's loss reads the ratio whenever the correction is on
             mask = inputs["completion_mask"] * inputs["tool_mask"]
             if "sampling_per_token_logps" in inputs and "old_per_token_logps" in inputs:
@@ -193,15 +194,27 @@ class RowTrainingMixin:
     # ---- a rollout: play, score, cut into rows, schedule
     def _score_rollout(self, inputs: list[dict[str, Any]]) -> list[MicroBatch]:
         args, accelerator = self.args, self.accelerator
-        batch = self._play_rollout_batch(inputs)
-        episodes = batch.episodes
-        self._packed_block_marker = batch.block_marker if self._layout == "packed" else None
-        rewards = self._episode_rewards(inputs, batch)
-        layout = self._layout
-        rows: list[TrainingRow] = []
-        for i, e in enumerate(episodes):
-            rows += episode_rows(i, e.prompt_ids, e.completion_ids, e.env_mask, e.turn_ids, e.logprobs, layout)
-        self._assign_advantages(rows, rewards, batch)
+        if args.env_filter_groups:  # dynamic sampling (`trl_epo.group_filter`): informative groups of extra rollouts
+            played = []
+
+            def play(task_rows):
+                played.append(self._rollout_rows(task_rows))
+                return played[-1][:2]
+
+            def refill(attempt: int):
+                seed = f"env_filter_groups/{args.seed}/{self.state.global_step}/{attempt}"
+                rank = (accelerator.process_index, accelerator.num_processes)
+                return refill_task_rows(self.train_dataset, len(inputs), self.num_generations, seed, *rank)
+
+            rows, stats = filter_groups(
+                play, inputs, refill, self.num_generations, args.env_filter_max_rollouts, accelerator.process_index
+            )
+            rewards = torch.cat([r for _, r, _ in played])
+            self._last_rewards_per_func = torch.cat([p for _, _, p in played])
+            for key, value in stats.metrics().items():
+                self._metrics["train"][key].append(value)
+        else:
+            rows, rewards, _ = self._rollout_rows(inputs)
         updates = args.steps_per_generation // args.gradient_accumulation_steps
         deal = derive_seed(args.seed, self.state.global_step, accelerator.process_index)  # owned: no global RNG
         steps, local_counts = schedule_rows(rows, updates, args.gradient_accumulation_steps, seed=deal)
@@ -218,13 +231,25 @@ class RowTrainingMixin:
         self._log_rows(rewards, rows, counts)
         return [MicroBatch(micro, step_counts[k]) for k, step in enumerate(steps) for micro in step]
 
+    def _rollout_rows(self, inputs: list[dict[str, Any]]) -> tuple[list[TrainingRow], torch.Tensor, torch.Tensor]:
+        """Play one rollout of this process's task rows; its rows with their advantages, all processes' rewards, and
+        the rewards per reward function."""
+        batch = self._play_rollout_batch(inputs)
+        self._packed_block_marker = batch.block_marker if self._layout == "packed" else None
+        rewards = self._episode_rewards(inputs, batch)
+        rows: list[TrainingRow] = []
+        for i, e in enumerate(batch.episodes):
+            rows += episode_rows(i, e.prompt_ids, e.completion_ids, e.env_mask, e.turn_ids, e.logprobs, self._layout)
+        self._assign_advantages(rows, rewards, batch)
+        return rows, rewards, self._last_rewards_per_func
+
     def _assign_advantages(self, rows: list[TrainingRow], rewards: torch.Tensor, batch) -> None:
         """GRPO: each episode's advantage from its group's baseline (`env_advantage_baseline`), on all its rows.
         `rewards` holds all processes' episodes in TRL's order; `rows` are this process's. A critic-based trainer
         overrides this (per-token advantages: a list per row)."""
-        accelerator = self.accelerator
-        local_rows = torch.tensor(
-            [sum(r.episode == i for r in rows) for i in range(len(batch.episodes))],
+        accelerator, gigpo = self.accelerator, self.args.env_advantage_estimator == "gigpo"
+        local_rows = torch.tensor(  # GiGPO: turns (= step rows) in every layout, so that layouts agree
+            [max(1, e.turns) if gigpo else sum(r.episode == i for r in rows) for i, e in enumerate(batch.episodes)],
             dtype=torch.float32,
             device=accelerator.device,
         )
@@ -236,6 +261,14 @@ class RowTrainingMixin:
             accelerator.gather(local_rows),
         )
         first = accelerator.process_index * len(batch.episodes)
+        if gigpo:  # per-turn advantages (`trl_epo.gigpo`) from all processes' turns
+            turns = episode_turns(batch.episodes, self.args.env_gigpo_anchor)
+            turns = gather_object(turns) if accelerator.num_processes > 1 else turns
+            penalty = batch.config.invalid_action_penalty
+            stats = assign_gigpo(rows, rewards, advantages, turns, first, self.num_generations, self.args, penalty)
+            for key, value in stats.metrics().items():
+                self._metrics["train"][key].append(value)
+            return
         local = advantages[first : first + len(batch.episodes)].tolist()
         for row in rows:
             row.advantage = local[row.episode]
@@ -328,62 +361,42 @@ class RowTrainingMixin:
     def _save_row_buffer(self, folder: str) -> None:
         """Inside a rollout's K updates, the rollout's remaining micro-batches go into the checkpoint (one file per
         process), so that a resumed run trains on exactly the rows the uninterrupted one would."""
-        cycle = self.args.steps_per_generation
+        # A rollout lasts K updates times TRL's num_iterations passes over its rows.
+        cycle = self.args.steps_per_generation * self.num_iterations
         if not self._row_mode or self._row_buffer is None or self._step % cycle == 0:
             return
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, ROW_BUFFER_NAME.format(rank=self.accelerator.process_index))
-        torch.save({"step": self._step, "buffer": self._row_buffer}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        row_buffer.save(path, self._step, self._row_buffer)
 
     def _load_row_buffer(self, checkpoint: str) -> None:
         if not self._row_mode:
             return
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            global_step = json.load(f)["global_step"]
+            trainer_state = json.load(f)
+        global_step = trainer_state["global_step"]
+        if self._epoch_sampler is not None:  # the resumed epoch's task order (also where set_epoch cannot reach it)
+            self._epoch_sampler.set_epoch(epochs_completed(trainer_state.get("epoch") or 0.0))
         self._step = global_step * self.args.gradient_accumulation_steps
-        if self._step % self.args.steps_per_generation == 0:
+        if self._step % (self.args.steps_per_generation * self.num_iterations) == 0:
             return
         path = os.path.join(checkpoint, ROW_BUFFER_NAME.format(rank=self.accelerator.process_index))
+        legacy = os.path.join(checkpoint, LEGACY_ROW_BUFFER_NAME.format(rank=self.accelerator.process_index))
+        if not os.path.exists(path) and os.path.exists(legacy):
+            raise ValueError(
+                f"{legacy} is a pickled row buffer (older trl_epo); loading it could run arbitrary code, so it is not "
+                "loaded. Resume from a checkpoint at a rollout boundary, or one written by this version."
+            )
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"{checkpoint} was saved inside a rollout (step {global_step} of a rollout of "
-                f"{self.args.steps_per_generation // self.args.gradient_accumulation_steps} updates) but {path} is "
+                f"{self.args.steps_per_generation // self.args.gradient_accumulation_steps * self.num_iterations} "
+                f"updates) but {path} is "
                 "missing, so the rollout's remaining rows are lost. Resume from a checkpoint at a rollout boundary, or "
                 "with the same number of processes that wrote this one."
             )
-        state = torch.load(path, weights_only=False)
-        self._row_buffer = state["buffer"]
-
-
-def per_rollout_schedule(args) -> bool:
-    """Whether the LR schedule steps once per rollout (`env_lr_per_rollout` with K > 1 updates per rollout)."""
-    return bool(args.env_lr_per_rollout and args.steps_per_generation // args.gradient_accumulation_steps > 1)
-
-
-def lr_scheduler_of(args, optimizer, num_training_steps: int):
-    """The LR schedule of `args` (`lr_scheduler_type`, warm-up, `lr_scheduler_kwargs`) for `optimizer` over
-    `num_training_steps` optimizer steps, as `Trainer.create_scheduler` builds it; with `per_rollout_schedule` it
-    advances once per rollout of K steps (its warm-up and length counted in rollouts)."""
-    updates = args.steps_per_generation // args.gradient_accumulation_steps
-    per_rollout = per_rollout_schedule(args)
-    steps = math.ceil(num_training_steps / updates) if per_rollout else num_training_steps
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.get_warmup_steps(steps),
-        num_training_steps=steps,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
-    )
-    if not per_rollout:
-        return scheduler
-    if not isinstance(scheduler, LambdaLR):
-        raise ValueError(
-            f"env_lr_per_rollout supports the LambdaLR schedules of transformers; {args.lr_scheduler_type!r} "
-            "is not one: pick e.g. 'cosine', 'linear', 'constant_with_warmup' or 'cosine_with_min_lr'."
-        )
-    scheduler.lr_lambdas = [_PerRollout(fn, updates) for fn in scheduler.lr_lambdas]
-    return scheduler
+        _, micro_batches = row_buffer.load(path)
+        self._row_buffer = [MicroBatch(rows, counts) for rows, counts in micro_batches]
 
 
 def _first_answer(messages: list[dict[str, str]]) -> int:

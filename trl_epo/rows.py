@@ -151,18 +151,26 @@ def group_advantages(
     """
     if baseline not in ADVANTAGE_BASELINES:
         raise ValueError(f"Unknown advantage baseline {baseline!r}; supported: {list(ADVANTAGE_BASELINES)}.")
-    rewards = rewards.float()
     if rewards.numel() % num_generations:
         raise ValueError(f"{rewards.numel()} rewards do not form groups of {num_generations}.")
-    grouped = rewards.view(-1, num_generations)
+    # float64, and rewards taken relative to one valid member of their group (of the batch with "batch"): the same
+    # advantages, but a group of equal rewards gives exactly 0 (a rounded weighted mean divided by std + eps, which is
+    # then ~1e-8, would give up to +-0.06).
+    grouped = rewards.double().view(-1, num_generations)
     valid = ~torch.isnan(grouped)
+    first = torch.where(valid.any(1), valid.float().argmax(1), 0)
+    if scale_rewards == "batch":
+        anchor = grouped[valid][0] if valid.any() else grouped.new_zeros(())
+    else:
+        anchor = grouped.gather(1, first.unsqueeze(1))
+    grouped = grouped - anchor
     if baseline == "episode":
-        weights = valid.float()
+        weights = valid.double()
         eps = 1e-4
     else:
         if rows_per_episode is None:
             raise ValueError("The 'rows' baseline needs the number of rows of each episode.")
-        weights = rows_per_episode.float().view(-1, num_generations) * valid
+        weights = rows_per_episode.double().view(-1, num_generations) * valid
         eps = 1e-6
     values = torch.nan_to_num(grouped, nan=0.0)
     if scale_rewards == "batch":
@@ -177,7 +185,7 @@ def group_advantages(
     advantages = values - mean
     if scale_rewards != "none":
         advantages = advantages / (std + eps)
-    return torch.where(valid, advantages, torch.zeros_like(advantages)).view(-1)
+    return torch.where(valid, advantages, torch.zeros_like(advantages)).view(-1).float()
 
 
 def _weighted_std(values, weights, mean, dims) -> torch.Tensor:
@@ -402,6 +410,10 @@ def collate(rows: Sequence[TrainingRow], pad_token_id: int, device=None) -> dict
     }
     for key, attribute in optional.items():
         values = [getattr(r, attribute) for r in rows]
+        if key == "sampling_per_token_logps" and any(v is not None for v in values):
+            # Per row: a row without sampling logprobs (an episode that failed at reset: no action token; a filler
+            # row) counts as sampled by the trainer's policy (ratio 1); the other rows of its chunk keep theirs.
+            values = [v if v is not None else r.old_logps for v, r in zip(values, rows)]
         if all(v is not None for v in values):
             batch[key] = aligned(values, 0.0)
     return batch

@@ -21,6 +21,7 @@ from .packing import row_logps_and_entropies
 from .results import EvalResult, load_eval_results
 from .rollout import RolloutConfig
 from .rollout import env_reward as env_reward_func
+from .row_options import applied_entropy_coef, check_row_options, row_loss
 from .row_training import RowTrainingMixin
 from .run_files import EPO_RUN_NAME, EPO_STATE_NAME, write_json_atomic
 
@@ -52,6 +53,8 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
     (`trl_epo.row_training`). The environment side lives in `trl_epo.env_training`.
 
     TRL hooks overridden, and why:
+        `_get_train_sampler` (env rows): TRL's task sampler with each epoch's shuffle drawn from (seed, epoch), so a
+            resumed run plays the same tasks (`trl_epo.sampling`).
         `_prepare_inputs` / `training_step` (env rows): a rollout's rows, scheduled into its optimizer steps, trained
             in token-budgeted chunks with the step's global normalisers (TRL's batch is one padded row per prompt).
         `_generate_and_score_completions`: carries the per-token turn ids a custom `rollout_func` returns into the
@@ -106,6 +109,8 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
                 "`EPOConfig(**your_grpo_config.to_dict())` plus the `epo_*` settings."
             )
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
+        if self.env_rollout is not None:
+            check_row_options(self)  # TRL options env rows cannot apply per optimizer step are refused here
         self.epo_reference = EntropyReference(
             args.epo_reference, ema_decay=args.epo_reference_ema_decay, window=args.epo_reference_window
         )
@@ -166,6 +171,7 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
     # ---- TRL hooks: loss
     def _compute_loss(self, model, inputs):
         self._epo_capture, self._epo_entropies = True, None
+        trl_entropy_coef = applied_entropy_coef(self)  # before TRL's adaptive controller updates it
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
@@ -183,8 +189,17 @@ class EPOTrainer(RowTrainingMixin, EnvTrainingMixin, GRPOTrainer):
         if turn_ids is None:
             turn_ids = torch.zeros_like(mask, dtype=torch.long)
         row_scale = inputs.get("row_loss_scale")  # env rows: the chunk's share of its optimizer step
-        if row_scale is not None:
-            loss = loss * row_scale
+        if row_scale is not None:  # TRL's entropy bonus becomes the step's token mean (`trl_epo.row_options`)
+            loss = row_loss(
+                loss,
+                row_scale,
+                trl_entropy_coef,
+                entropies,
+                mask,
+                inputs["row_step_action_tokens"],
+                self.current_gradient_accumulation_steps,
+                self.accelerator.num_processes,
+            )
             weights = inputs["epo_weights"].to(entropies.dtype) * mask  # the step's global Eq. 2 weights
         else:
             weights = aggregation_weights(args.epo_entropy_aggregation, mask, turn_ids)

@@ -76,6 +76,7 @@ class Probe:
             finally:
                 record, probe.current = probe.current, None
             record.update(
+                tasks=[[t.task, t.variation, t.seed] for t in tasks],
                 generate_calls=batch.stats.generate_calls,
                 episodes=len(batch.episodes),
                 max_turns=max(e.turns for e in batch.episodes),

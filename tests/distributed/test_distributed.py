@@ -213,6 +213,23 @@ def test_deepspeed_two_processes_full_finetuning(tmp_path, config, zero_stage, e
 
 
 @pytest.mark.slow
+def test_ddp_resume_at_an_epoch_boundary_plays_the_same_tasks(tmp_path):
+    """4 tasks x G 2 = 8 episodes, 4 per process: one rollout is one epoch, so checkpoint-1 is an epoch boundary. The
+    resumed run's rollout plays epoch 1's tasks (TRL's sampler used to start again from epoch 0's shuffle, on each
+    process) and ends with the uninterrupted run's loss."""
+    output_dir = tmp_path / "run"
+    reports = launch("multi_gpu.yaml", output_dir, ["--use_cpu", "true", "--num_tasks", "4"])
+    assert json.loads((output_dir / "checkpoint-1" / "trainer_state.json").read_text())["epoch"] == 1.0
+    for report in reports.values():
+        trained, resumed = report["trained"]["rollouts"], report["resumed"]["rollouts"]
+        assert len(trained) == 2 and len(resumed) == 1
+        assert trained[0]["tasks"] != trained[1]["tasks"]  # epochs 0 and 1 are shuffled differently
+        assert resumed[0]["tasks"] == trained[1]["tasks"]
+        assert report["resumed"]["losses"][-1] == pytest.approx(report["trained"]["losses"][-1], rel=1e-5, abs=1e-7)
+    assert reports[0]["resumed"]["rollouts"][0]["tasks"] != reports[1]["resumed"]["rollouts"][0]["tasks"]
+
+
+@pytest.mark.slow
 def test_k_updates_per_rollout_with_different_row_counts_per_process(tmp_path):
     """ZeRO-3, windowed episodes trained one row per turn, 3 optimizer steps per rollout; process 0's episodes end
     after 2 turns and process 1's after 3, so the processes hold different numbers of rows (and of forward chunks):
@@ -246,7 +263,7 @@ def test_k_updates_per_rollout_with_different_row_counts_per_process(tmp_path):
     assert r0["trained"]["reference"] == r1["trained"]["reference"]
     assert r0["resumed"]["reference"] == r1["resumed"]["reference"]
     assert r0["resumed"]["reference"]["history"] == pytest.approx(r0["trained"]["reference"]["history"], rel=1e-5)
-    assert (output_dir / "checkpoint-1" / "epo_rollout_buffer_rank1.pt").exists()
+    assert (output_dir / "checkpoint-1" / "epo_rollout_buffer_rank1.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -372,7 +389,7 @@ def test_ppo_critic_is_identical_on_both_processes(tmp_path, config, zero_stage,
         assert resumed["critic_logs"][1] == report["trained"]["critic_logs"][1]
         assert resumed["critic"]["digest"] == report["trained"]["critic"]["digest"]
     checkpoint = output_dir / "checkpoint-1"
-    assert (checkpoint / "critic" / "scheduler.pt").exists()
+    assert (checkpoint / "critic" / "scheduler.json").exists()
     if zero_stage:
         assert (checkpoint / "critic_engine").is_dir()  # the critic engine's own DeepSpeed checkpoint
         assert (checkpoint / "latest").read_text().strip() == "global_step1"  # the policy engine's, untouched

@@ -64,7 +64,14 @@ def test_config_allows_one_generation_per_task_and_checks_the_critic_settings(tm
     assert args.critic_lr == 1e-3 and ppo_args(tmp_path, critic_learning_rate=None).critic_lr == args.learning_rate
     with pytest.raises(ValueError, match="at least 2 generations"):  # GRPO still needs its groups
         EPOConfig(**base_config_kwargs(tmp_path, num_generations=1))
-    for bad in (dict(gamma=1.5), dict(lam=-0.1), dict(cliprange_value=0.0), dict(vf_coef=0.0)):
+    for bad in (
+        dict(gamma=1.5),
+        dict(lam=-0.1),
+        dict(cliprange_value=0.0),
+        dict(vf_coef=0.0),
+        dict(env_advantage_estimator="gigpo"),  # the critic's GAE gives the advantages
+        dict(env_filter_groups=True),  # one episode per task: no group to filter
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ppo_args(tmp_path, **bad)
 
@@ -234,7 +241,7 @@ def test_resume_restores_policy_critic_both_optimizers_and_the_reference(tokeniz
     straight = make_trainer(make_model(), ppo_args(tmp_path / "straight", **common), tokenizer=tokenizer)
     straight.train()
     checkpoint = tmp_path / "straight" / "checkpoint-1"  # inside the first rollout: its rows are resumed too
-    assert (checkpoint / "critic" / "optimizer.pt").exists() and (checkpoint / "critic" / "scheduler.pt").exists()
+    assert (checkpoint / "critic" / "optimizer.pt").exists() and (checkpoint / "critic" / "scheduler.json").exists()
     resumed = make_trainer(make_model(seed=1), ppo_args(tmp_path / "resumed", **common), tokenizer=tokenizer)
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
@@ -254,7 +261,7 @@ def test_resume_restores_policy_critic_both_optimizers_and_the_reference(tokeniz
         for key, value in params(a).items():
             torch.testing.assert_close(params(b)[key], value, rtol=1e-5, atol=1e-6, msg=f"{which}.{key}")
 
-    (checkpoint / "critic" / "scheduler.pt").unlink()
+    (checkpoint / "critic" / "scheduler.json").unlink()
     fresh = make_trainer(make_model(), ppo_args(tmp_path / "fresh", **common), tokenizer=tokenizer)
     with pytest.raises(FileNotFoundError, match="critic"):
         fresh.train(resume_from_checkpoint=str(checkpoint))

@@ -92,6 +92,20 @@ def test_a_chunk_without_sampling_logprobs_gets_ratio_one(trainer):
     assert inputs["importance_sampling_ratio"].tolist() == [[1.0]]
 
 
+def test_a_reset_failure_row_leaves_the_ratios_of_its_chunk_mates(trainer):
+    """An episode that failed at reset is one row without action tokens and without sampling logprobs; a real row in
+    the same forward chunk still gets its own ratio (it used to get 1 for the whole chunk)."""
+    real = TrainingRow([3, 4], [7, 8], [1, 1], [0, 0], episode=0, logprobs=[-2.0, -1.0], old_logps=[-1.5, -1.2])
+    real.advantage, real.epo_weights = 1.0, [0.5, 0.5]
+    (failed,) = episode_rows(1, [3, 4, 5], [2], [0], [0], None, "step")  # the placeholder row of a reset failure
+    failed.old_logps, failed.epo_weights = [-0.3], [0.0]
+    inputs = trainer._chunk_inputs([real, failed], StepCounts(rows=2, action_tokens=2, trajectories=1))
+    ratio = inputs["importance_sampling_ratio"]
+    expected = [math.exp(-1.5 + 2.0), min(3.0, math.exp(-1.2 + 1.0))]  # token_truncate, clip_max 3
+    assert ratio[0, -2:].tolist() == pytest.approx(expected, rel=1e-6)
+    assert ratio[1, -1].item() == 1.0  # the failed row itself: nothing to correct
+
+
 def test_mismatch_sums_per_turn():
     row = TrainingRow(
         [1],

@@ -151,3 +151,14 @@ def test_entropy_change_variance():
     assert compare.entropy_change_variance(entropy) == pytest.approx(statistics.pvariance(deltas))
     assert compare.entropy_change_variance([1.0, float("nan"), 1.0, 1.0]) == 0.0  # NaNs (no log) are skipped
     assert math.isnan(compare.entropy_change_variance([1.0, 2.0]))
+
+
+@pytest.mark.slow
+def test_bench_trl_tools_tiny():
+    """Our loop through the TRL-environment adapter, steered to call tools: one row per turn, several turns."""
+    bench = load_benchmark("bench_trl_tools")
+    result = bench.main(["--tiny", "--arms", "epo_own_loop"])
+    (row,) = result["rows"]
+    assert row["optimizer_steps"] == 1 and row["episodes"] == 4 and row["episodes_per_s"] > 0
+    assert row["rows_per_episode"] > 1 and row["rows"] == round(row["mean_turns_or_tool_calls"] * 4)
+    assert "episodes/s" in bench.report(result)

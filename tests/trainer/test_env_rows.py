@@ -151,8 +151,10 @@ def test_resume_inside_a_rollout_trains_on_the_same_rows(tokenizer, make_model, 
 
     straight = run(tmp_path / "straight")
     run(tmp_path / "resumed")
-    assert (tmp_path / "resumed" / "checkpoint-1" / "epo_rollout_buffer_rank0.pt").exists()  # inside the rollout
-    assert not (tmp_path / "resumed" / "checkpoint-3" / "epo_rollout_buffer_rank0.pt").exists()  # at its end
+    assert (
+        tmp_path / "resumed" / "checkpoint-1" / "epo_rollout_buffer_rank0.safetensors"
+    ).exists()  # inside the rollout
+    assert not (tmp_path / "resumed" / "checkpoint-3" / "epo_rollout_buffer_rank0.safetensors").exists()  # at its end
     played = []
     monkeypatch.setattr(EnvTrainingMixin, "_play_rollout_batch", lambda self, rows: played.append(rows))
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-1"))
@@ -185,7 +187,7 @@ def test_a_checkpoint_inside_a_rollout_without_its_rows_is_refused(tokenizer, ma
         make_model(), args=args, train_dataset=make_dataset("train", 6), processing_class=tokenizer, env_factory=ToyEnv
     )
     trainer.train()
-    (tmp_path / "checkpoint-1" / "epo_rollout_buffer_rank0.pt").unlink()
+    (tmp_path / "checkpoint-1" / "epo_rollout_buffer_rank0.safetensors").unlink()
     fresh = EPOTrainer(
         make_model(),
         args=windowed_args(tmp_path, env_updates_per_rollout=3, per_device_train_batch_size=2, max_steps=3),

@@ -83,6 +83,19 @@ def test_rows_baseline_weights_each_episode_by_its_rows():
     assert none.tolist() == pytest.approx((rewards - mean).tolist(), abs=1e-6)
 
 
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_equal_rewards_give_exactly_zero_advantages_with_either_baseline(scale_rewards):
+    # Rewards like won - 0.1 * invalid_turns: float32 rounding of a row-weighted mean, divided by std + 1e-6 (std ~1e-8
+    # then), used to give |A| up to 0.056. A group whose rewards all agree has nothing to learn: exactly 0.
+    rows = torch.tensor([3, 7, 5, 11, 30, 1, 2, 17, 4, 4, 9, 13, 22, 6, 8, 1])
+    for value in [won - 0.1 * invalid for won in (0, 1) for invalid in range(8)]:
+        rewards = torch.full((16,), value)
+        rewards[5] = float("nan")  # an excluded env failure changes nothing
+        for baseline in ("rows", "episode"):
+            advantages = group_advantages(rewards, 4, scale_rewards, baseline, rows)
+            assert torch.count_nonzero(advantages) == 0, (value, baseline)
+
+
 def make_rows(turns_per_episode, length=5):
     rows = []
     for e, turns in enumerate(turns_per_episode):

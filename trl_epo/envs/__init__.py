@@ -17,6 +17,8 @@ _LAZY = {
     "ToyEnv": "trl_epo.envs.toy",
     "ScienceWorldEnv": "trl_epo.envs.sciworld",
     "AlfWorldEnv": "trl_epo.envs.alfworld",
+    "TRLEnvironment": "trl_epo.envs.trl_tools",
+    "OpenEnvTextEnv": "trl_epo.envs.openenv",
 }
 
 __all__ = [

@@ -41,6 +41,10 @@ class PromptStyle:
         show_admissible_actions: list the env's admissible actions each turn, when the env gives them.
         max_admissible_actions: cap on the number of listed actions (long lists are cut, with a note).
         max_observation_chars: observations longer than this are cut (with a note), to bound the context.
+        tool_calls: the agent acts by calling tools the way the tokenizer's chat template defines tool calls (the
+            tool schemas reach every prompt through the chat template's `tools=`), not with `<action_tag>`: the
+            whole answer is the action, the env gives the first prompt and answers with tool messages (a TRL
+            environment class, `trl_epo.envs.trl_tools`).
     """
 
     instruction: str = DEFAULT_INSTRUCTION
@@ -49,6 +53,7 @@ class PromptStyle:
     show_admissible_actions: bool = True
     max_admissible_actions: int = 50
     max_observation_chars: int = DEFAULT_MAX_OBSERVATION_CHARS
+    tool_calls: bool = False
 
     def __post_init__(self):
         ActionFormat(self.action_tag)  # validates the tag

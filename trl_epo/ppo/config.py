@@ -106,6 +106,18 @@ class EPOPPOConfig(EPOConfig):
             self.critic_forward_token_budget,
             "it must be >= 1 or None",
         )
+        check_setting(
+            self.env_advantage_estimator == "grpo",
+            "env_advantage_estimator",
+            self.env_advantage_estimator,
+            "EPOPPOTrainer's advantages come from its critic (GAE over the action tokens): leave it 'grpo'",
+        )
+        check_setting(
+            not (self.env_filter_groups and self.num_generations < 2),
+            "env_filter_groups",
+            self.env_filter_groups,
+            "dynamic sampling drops groups whose G episodes agree: it needs num_generations >= 2",
+        )
         if self.fp16:
             raise ValueError(
                 "EPOPPOTrainer's critic has no fp16 loss scaler: train in bf16 (`bf16=True`) or float32 instead."

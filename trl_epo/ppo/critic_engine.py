@@ -19,12 +19,15 @@ gradients apart from the policy's.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import pickle
 
 import torch
 from accelerate.utils import DistributedType
 
+from ..run_files import write_json_atomic
 from .critic import load_critic_weights
 
 
@@ -35,7 +38,9 @@ CRITIC_DIR = "critic"
 a checkpoint, with its optimizer and LR schedule states in a checkpoint."""
 ENGINE_TAG = "critic_engine"
 """DeepSpeed: the critic engine's checkpoint tag (a folder of the checkpoint; the policy's engine keeps `latest`)."""
-OPTIMIZER_NAME, SCHEDULER_NAME = "optimizer.pt", "scheduler.pt"
+OPTIMIZER_NAME, SCHEDULER_NAME = "optimizer.pt", "scheduler.json"
+"""The optimizer state is tensors (read with `torch.load(weights_only=True)`), the LR schedule's state JSON: loading
+a critic's state never unpickles arbitrary objects."""
 
 
 class CriticEngine:
@@ -133,7 +138,7 @@ class CriticEngine:
             os.makedirs(folder, exist_ok=True)
             if not self.deepspeed:
                 torch.save(self.optimizer.state_dict(), os.path.join(folder, OPTIMIZER_NAME))
-            torch.save(self.scheduler.state_dict(), os.path.join(folder, SCHEDULER_NAME))
+            write_json_atomic(os.path.join(folder, SCHEDULER_NAME), scheduler_state(self.scheduler))
 
     def load_state(self, checkpoint: str) -> None:
         """Restore the critic's weights, optimizer and LR schedule saved by `save_pretrained` + `save_state`."""
@@ -153,5 +158,40 @@ class CriticEngine:
         else:
             load_critic_weights(self.model, folder)
             device = next(self.model.parameters()).device
-            self.optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_NAME), map_location=device))
-        self.scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER_NAME), weights_only=False))
+            path = os.path.join(folder, OPTIMIZER_NAME)
+            with _refused_unless_plain(path):
+                state = torch.load(path, map_location=device, weights_only=True)
+            self.optimizer.load_state_dict(state)
+        path = os.path.join(folder, SCHEDULER_NAME)
+        with _refused_unless_plain(path), open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        self.scheduler.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _refused_unless_plain(path: str):
+    """A state file that is not plain tensors / JSON (e.g. a pickle with code in it) is refused, never run."""
+    try:
+        yield
+    except (ValueError, UnicodeDecodeError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"{path} is not a critic state written by trl_epo ({type(error).__name__}: {str(error)[:200]}); it is not "
+            "loaded (checkpoints are never unpickled). Resume from an intact checkpoint."
+        ) from error
+
+
+def scheduler_state(scheduler) -> dict:
+    """An LR schedule's state as JSON values. Its LR functions (`lr_lambdas`: code, rebuilt from the config on resume)
+    are left out, as `LambdaLR` does for plain functions."""
+    state = dict(scheduler.state_dict())
+    if "lr_lambdas" in state:
+        state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+    for key, value in state.items():
+        try:
+            json.dumps(value)
+        except TypeError as error:
+            raise TypeError(
+                f"The critic's LR schedule ({type(scheduler).__name__}) has a state entry {key!r} that is not JSON "
+                f"({error}); pick one of transformers' schedules."
+            ) from error
+    return state

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import RolloutConfig
-from .generation import ModelGenerator
+from .generation import ModelGenerator, model_context_limit
 from .vllm import VLLMSession
 
 
@@ -31,8 +31,9 @@ class TrainerPolicy:
         sync_weights: `sync_weights(force) -> bool`, called once when a rollout starts: pushes the current weights to
             vLLM when they changed since the last push, or always with `force` (a sleeping engine discarded them);
             returns whether it pushed.
-        max_context_tokens: the engine's maximum model length (prompt + answer), or None: a context with no room left
-            ends its episode as truncated ("context_limit") instead of reaching the engine.
+        max_context_tokens: vLLM's maximum model length (prompt + answer), or None: a context with no room left
+            ends its episode as truncated ("context_limit") instead of reaching the engine. HF generate uses the
+            model's `max_position_embeddings` (`generation.model_context_limit`).
         vllm_sampling: vLLM sampling settings replacing TRL's training ones (e.g. evaluation's temperature).
         ds3_gather_for_generation / generation_kwargs / gradient_checkpointing_kwargs: TRL's
             `unwrap_model_for_generation` arguments.
@@ -77,7 +78,8 @@ class TrainerGenerator(ModelGenerator):
         self.default_budget = policy.max_completion_length
         self.show_progress = True
         self.reuse_kv_cache = config.reuse_kv_cache
-        self.max_context_tokens = policy.max_context_tokens if policy.use_vllm else None
+        # vLLM: the engine's max_model_len; HF generate: the model's maximum positions
+        self.max_context_tokens = policy.max_context_tokens if policy.use_vllm else model_context_limit(self.model)
         self.weight_syncs = 0
         self._session = None
         if policy.use_vllm:

@@ -110,7 +110,11 @@ class ChatSegments:
         """The ids between an answer and the next one in a growing conversation. `closed_with`: the text of the
         end-of-turn token the answer ended with (the model generated it), or None when the answer was cut (at its
         token limit): then the whole assistant tail is added."""
-        messages = self._base + [{"role": "user", "content": text}]
+        return self.observation_messages([{"role": "user", "content": text}], closed_with)
+
+    def observation_messages(self, observation: Sequence[Message], closed_with: str | None) -> list[int]:
+        """`observation` for any messages that follow an answer (e.g. a tool-calling env's tool results)."""
+        messages = self._base + list(observation)
         if not self.render(messages, generation_prompt=True).startswith(self._prefix):
             raise ValueError(
                 "The tokenizer's chat template re-renders earlier messages when a new one is added, so the tokens "

@@ -49,6 +49,24 @@ class Episode:
     block_start: int = -1  # windowed contexts: where the current block starts in completion_ids (-1: the prompt)
     actions: list[str | None] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # per turn: the env's own observation the answer responds to (raw `StepResult.observation`, not the prompt) and
+    # the env's canonical anchor key of that state (`StepResult.info["anchor"]`, None when it gives none): GiGPO's
+    # anchor states. An invalid answer does not step the env, so the next turn keeps the same state.
+    observations: list[str] = field(default_factory=list)
+    anchors: list[str | None] = field(default_factory=list)
+    env_observation: str = ""
+    env_anchor: str | None = None
+
+    def anchor_keys(self, source: str = "env") -> list[str]:
+        """Each turn's anchor key: the env's canonical key where it gives one ("env"), else the observation text."""
+        if source == "observation":
+            return list(self.observations)
+        return [a if a is not None else o for a, o in zip(self.anchors, self.observations)]
+
+    @property
+    def invalid_answers(self) -> list[bool]:
+        """Per turn: the answer had no parsable action (penalised by `env_invalid_action_penalty`)."""
+        return [a is None for a in self.actions]
 
     @property
     def live(self) -> bool:

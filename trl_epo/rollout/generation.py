@@ -13,6 +13,19 @@ import copy
 import torch
 
 
+def model_context_limit(model) -> int | None:
+    """The longest context (prompt + answer) a model takes: its `max_position_embeddings` (the text model's, for a
+    multimodal config), or None when its config has none. The rollout ends an episode whose context would not fit
+    as truncated ("context_limit"), as with vLLM's `max_model_len`, instead of feeding the model positions it was
+    never trained on."""
+    model = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 class _NoProgress:
     def update(self, n=1):
         pass
@@ -38,6 +51,7 @@ class ModelGenerator:
 
     returns_logprobs = False
     reuse_kv_cache = True
+    max_context_tokens: int | None = None  # longest context the model takes (`model_context_limit`)
     tokens_fed = 0  # context tokens the last call fed to the model (the new tokens only, when the cache was reused)
     _cache_state = None
 
@@ -69,6 +83,7 @@ class ModelGenerator:
         self.default_budget = max_completion_length
         self.show_progress = progress_bar
         self.reuse_kv_cache = reuse_kv_cache
+        self.max_context_tokens = model_context_limit(model)
         self._model = None
         self._stack = None
 

@@ -29,6 +29,7 @@ from ..envs.prompting import INVALID_HISTORY_ACTION
 from .chat import ChatSegments, find_sublist
 from .config import RolloutConfig
 from .episode import Episode, RolloutBatch, RolloutStats
+from .tool_calls import ToolCallReader, tool_window
 
 
 @dataclass
@@ -40,6 +41,7 @@ class _Play:
     segments: ChatSegments
     marker: list[int] | None
     budget: int
+    tools: ToolCallReader | None = None  # tool-calling envs: answers are read as the chat template's tool calls
     timer: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "env": 0.0, "total": 0.0})
     counters: dict[str, int] = field(
         default_factory=lambda: {"generate_calls": 0, "tokens_fed": 0, "generated_tokens": 0, "weight_syncs": 0}
@@ -69,6 +71,9 @@ class MultiTurnRollout:
         """Play one episode per task (in waves of at most `pool_size`)."""
         if self.config is None:
             raise ValueError("MultiTurnRollout has no RolloutConfig: pass one (e.g. RolloutConfig.from_args(args)).")
+        configure = getattr(self.env_factory, "configure_rollout", None)  # e.g. a TRL environment's tool schemas
+        if configure is not None:
+            self.config = configure(self.config)
         config = self.config
         pool = self._ensure_pool(len(tasks))
         segments = ChatSegments(tokenizer, config.prompt_style.system_messages(), config.chat_template_kwargs)
@@ -78,6 +83,9 @@ class MultiTurnRollout:
             segments=segments,
             marker=segments.block_marker() if config.windowed else None,
             budget=config.max_episode_tokens or generator.default_budget,
+            tools=ToolCallReader(tokenizer, config.chat_template_kwargs.get("tools"))
+            if config.prompt_style.tool_calls
+            else None,
         )
         start = time.perf_counter()
         episodes: list[Episode] = []
@@ -126,12 +134,14 @@ class MultiTurnRollout:
         episodes = []
         for slot, (task, result) in enumerate(zip(tasks, first)):
             description = result.info.get("task_description", "")
-            messages = style.first_messages(description, result)
+            # an env may give its own first prompt (a TRL environment: the dataset row's prompt + its reset text)
+            messages = result.info.get("prompt_messages") or style.first_messages(description, result)
             episode = Episode(task=task, slot=slot, prompt_ids=state.segments.prompt(messages), messages=messages)
             episode.description = description
             episode.observation_text = style.observation_text(result)
             episode.logprobs = [] if state.generator.returns_logprobs else None
             episode.score = float(result.info.get("score", 0.0) or 0.0)
+            episode.env_observation, episode.env_anchor = result.observation, result.info.get("anchor")
             if result.env_error is not None:
                 episode.end(error=result.env_error)
             elif result.done:  # solved or over at reset: nothing to learn from, but keep it well-formed
@@ -175,12 +185,19 @@ class MultiTurnRollout:
                 if cut >= 0:
                     ids, logprobs = ids[:cut], (logprobs[:cut] if logprobs is not None else None)
             state.counters["generated_tokens"] += len(ids)
+            seen = e.context(self.config.windowed) if state.tools is not None else None  # what the answer follows
             e.add(ids, model=True, turn=turn, logprobs=logprobs)
             e.turns += 1
             text = state.tokenizer.decode(ids, skip_special_tokens=True)
-            e.messages.append({"role": "assistant", "content": text})
-            action = fmt.parse(text)
+            if state.tools is not None:  # the whole answer is the action: its tool calls, or a final answer
+                message, action = state.tools.read(ids, seen)
+                e.messages.append(message)
+            else:
+                e.messages.append({"role": "assistant", "content": text})
+                action = fmt.parse(text)
             e.actions.append(action)
+            e.observations.append(e.env_observation)
+            e.anchors.append(e.env_anchor)
             e.history.append((e.observation_text, action if action is not None else INVALID_HISTORY_ACTION))
             e.closed_with = state.tokenizer.decode(ids[-1:]) if ids and ids[-1] in eos else None
             if action is None:
@@ -207,6 +224,7 @@ class MultiTurnRollout:
                 continue
             else:
                 e.score = float(result.info.get("score", e.score) or 0.0)
+                e.env_observation, e.env_anchor = result.observation, result.info.get("anchor")
                 if result.info.get("invalid_action"):
                     e.info["env_invalid_actions"] = e.info.get("env_invalid_actions", 0) + 1
                 if result.done:
@@ -218,9 +236,14 @@ class MultiTurnRollout:
                 e.end(truncated="max_turns")
                 continue
             text = style.observation_text(result)
-            if config.windowed:  # a fresh prompt: task, the last k (observation, action) pairs, the observation
+            tool_messages = result.info.get("tool_messages")  # a tool-calling env: the results as tool messages
+            if config.windowed and tool_messages:  # the env's first prompt + the last k (answer, tool results)
+                ids = state.segments.prompt(tool_window(e.messages + tool_messages, config.history_turns))
+            elif config.windowed:  # a fresh prompt: task, the last k (observation, action) pairs, the observation
                 recent = e.history[-config.history_turns :] if config.history_turns else []
                 ids = state.segments.prompt(style.window_messages(e.description, recent, text))
+            elif tool_messages:
+                ids = state.segments.observation_messages(tool_messages, closed_with=e.closed_with)
             else:  # the conversation goes on: end of the answer, the observation, the next generation prompt
                 ids = state.segments.observation(text, closed_with=e.closed_with)
             if len(e.completion_ids) + len(ids) >= state.budget:
@@ -229,7 +252,7 @@ class MultiTurnRollout:
             e.block_start = len(e.completion_ids)
             e.add(ids, model=False, turn=turn + 1)
             e.observation_text = text
-            e.messages.append({"role": "user", "content": text})
+            e.messages.extend(tool_messages or [{"role": "user", "content": text}])
 
     # ---- environments
     def _ensure_pool(self, size: int) -> EnvPool:

@@ -19,6 +19,7 @@ translates the games an env will play next in a background thread, ahead of need
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import queue
 import threading
@@ -90,6 +91,7 @@ class AlfWorldEnv:
         self._engine.load_compiled(compiled)
         self._state = self._engine.reset()
         self._game = compiled.game
+        self._static_predicates = compiled.static_predicates
         self._spec = spec
         self._initial_facts = None
         self.turns = 0
@@ -215,8 +217,19 @@ class AlfWorldEnv:
             done=self.done,
             won=self.won,
             admissible_actions=self.admissible_actions() if self.list_actions else None,
-            info={"score": 100.0 if self.won else 0.0, "turn": self.turns},
+            info={"score": 100.0 if self.won else 0.0, "turn": self.turns, "anchor": self.state_key()},
         )
+
+    def state_key(self) -> str:
+        """GiGPO's anchor key: a digest of the world state, the engine's fluent facts (the predicates the game's
+        actions change; negated facts left out), sorted. The engine's feedback describes the last action ("You pick
+        up the apple 1 ...", "Nothing happens.") rather than the state: equal texts can be different states, and one
+        state can follow different texts."""
+        static = self._static_predicates
+        facts = sorted(
+            str(f) for f in self._engine.facts() if f.name.lower() not in static and not f.name.startswith("not_")
+        )
+        return "alfworld:" + hashlib.sha1("\n".join(facts).encode()).hexdigest()[:20]
 
 
 def _prefetch_loop(jobs: queue.Queue, cache: CompiledGameCache) -> None:

@@ -111,6 +111,8 @@ class ScienceWorldEnv:
         max_action_chars: longer actions are rejected (flagged invalid) without reaching the simulator.
         java_options: JVM options (default lean: 512 MB heap, serial GC, one processor).
         java_path: the `java` executable (default: ``$JAVA_HOME/bin/java``, else `java` on PATH).
+        state_keys: put GiGPO's anchor key of the state in `info["anchor"]` (`_state_key`: two free JVM calls a step,
+            a look and the inventory); False saves them when no GiGPO run reads the key.
     """
 
     name = ENV_NAME
@@ -128,6 +130,7 @@ class ScienceWorldEnv:
         max_action_chars: int = MAX_ACTION_CHARS,
         java_options: Sequence[str] = DEFAULT_JAVA_OPTIONS,
         java_path: str | None = None,
+        state_keys: bool = True,
     ):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
@@ -152,6 +155,7 @@ class ScienceWorldEnv:
         self.max_action_chars = max_action_chars
         self.java_options = tuple(java_options)
         self.java_path = java_path
+        self.state_keys = state_keys
         find_java(java_path)  # fail at construction, with install instructions, when Java is missing
         self._jvm: ScienceWorldJVM | None = None
         self._episode: _Episode | None = None
@@ -329,7 +333,7 @@ class ScienceWorldEnv:
         if self.admissible_actions and not episode.done:  # called inside `_simulator()`: the JVM is up
             payload = json.loads(str(self._jvm.server.getValidActionObjectCombinationsJSON()))
             admissible = [str(item["action"]) for item in payload.get("validActions", [])]
-        return StepResult(
+        result = StepResult(
             observation=observation,
             reward=reward,
             done=episode.done,
@@ -343,6 +347,18 @@ class ScienceWorldEnv:
                 "variation": episode.spec.variation,
             },
         )
+        if self.state_keys:
+            result.info["anchor"] = self._state_key() if not episode.done else "sciworld:done"
+        return result
+
+    def _state_key(self) -> str:
+        """GiGPO's anchor key: the room (a free `look`) and the inventory, each line-sorted, and the score. A step's
+        reply describes the action ("The door is now open."), not the state, and the look lists a room's contents in
+        an order that is not canonical."""
+        server = self._jvm.server
+        look = sorted(line.strip() for line in str(server.freeActionLook()).splitlines() if line.strip())
+        inventory = sorted(line.strip() for line in str(server.freeActionInventory()).splitlines() if line.strip())
+        return "\n".join(look + ["--- inventory"] + inventory + [f"--- score {self._episode.score}"])
 
     def _decorate(self, text: str) -> str:
         episode = self._episode
