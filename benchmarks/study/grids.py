@@ -85,7 +85,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "epo_constbeta": {"epo_entropy_coef": 1e-3, "epo_smoothing": "hinge", "epo_phase_schedule": "constant"},
     "ppo": {"trainer": "ppo", "num_generations": 1, "epo_entropy_coef": 0.0},
     "ppo_epo": {"trainer": "ppo", "num_generations": 1, "epo_entropy_coef": 1e-3, "epo_smoothing": "hinge"},
+    # added after the quest-tiny launch (GiGPO landed on main later): run it with `--arms gigpo gigpo_epo`
+    "gigpo": {"env_advantage_estimator": "gigpo", "epo_entropy_coef": 0.0},
+    "gigpo_epo": {"env_advantage_estimator": "gigpo", "epo_entropy_coef": 1e-3, "epo_smoothing": "hinge"},
 }
+LAUNCHED_ARMS = ("grpo", "epo_base", "epo_paper", "epo_alpha2", "epo_constbeta", "ppo", "ppo_epo")
 
 
 def gpu_arms(alpha: float) -> dict[str, dict[str, Any]]:
