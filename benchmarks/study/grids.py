@@ -106,7 +106,8 @@ GRIDS: dict[str, dict[str, Any]] = {
     # The tiny-model grid: 7 arms x 5 seeds.
     "quest-tiny": {"base": QUEST_BASE, "sft": QUEST_SFT, "arms": ARMS, "seeds": [0, 1, 2, 3, 4]},
     # The real-model arm (issue 18 item 6): SmolLM2-135M-Instruct SFT then GRPO vs GRPO + EPO on an easy setting
-    # (the 2-4-room toy env, full-context prompts); not run with the tiny grid (measured cost in the README).
+    # (the 2-4-room toy env, windowed prompts of ~212 tokens); not run (cost in benchmarks/study/README.md: its SFT
+    # alone measured ~68 CPU-s per step of 8 rows, ~23 CPU-min; a whole run extrapolates to ~7 CPU-hours).
     "toy-smollm2": {
         "base": {
             **QUEST_BASE,

@@ -82,12 +82,15 @@ def run_stats(run: dict[str, Any]) -> dict[str, Any]:
         statistics.fmean(entropy[:k]) if entropy else math.nan,
         statistics.fmean(entropy[-5 * k :]) if entropy else math.nan,
     )
+    per_rollout = [statistics.fmean(entropy[i : i + k]) for i in range(0, len(entropy) - k + 1, k)]
     stats = {
         "arm": run["arm"],
         "seed": run["seed"],
         "wall_s": run["wall_s"],
         "var_dh": entropy_change_variance(entropy),
     }
+    stats["var_dh_rollout"] = entropy_change_variance(per_rollout)  # the K steps of a rollout see different episodes
+    stats["cpu_s"] = run.get("cpu_s", math.nan)
     stats["entropy_first"], stats["entropy_last"] = first, last
     stats["entropy_collapse"] = bool(entropy) and last < ENTROPY_COLLAPSE * first
     for split in SPLITS:
@@ -132,6 +135,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     "per_seed": [p["success_rate"] for p in points],
                 }
         entry["var_dh"] = bootstrap_mean([s["var_dh"] for s in mine])
+        entry["var_dh_rollout"] = bootstrap_mean([s["var_dh_rollout"] for s in mine])
+        entry["cpu_s"] = statistics.fmean(_clean([s["cpu_s"] for s in mine]) or [math.nan])
         entry["entropy_first_last"] = (
             statistics.fmean(_clean([s["entropy_first"] for s in mine]) or [math.nan]),
             statistics.fmean(_clean([s["entropy_last"] for s in mine]) or [math.nan]),
@@ -197,17 +202,21 @@ def tables(summary: dict[str, Any]) -> str:
         f"Entropy collapse: mean entropy of the last 5 rollouts < {d['entropy_collapse']} x that of the first rollout. "
         f"Success collapse: final IID success >= {d['success_drop']} below the seed's best IID success.",
         "",
-        "| arm | Var(dH) per step, seed mean [bootstrap 95%] | entropy first -> last rollouts | entropy collapses | success collapses | either | wall s per run (mean ± sd) |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | Var(dH) per step, seed mean [bootstrap 95%] | Var(dH) per rollout (mean of its K steps) "
+        "| entropy first -> last rollouts | entropy collapses | success collapses | either | wall s per run (mean ± sd) "
+        "| CPU s per run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, e in arms.items():
         n = len(e["seeds"])
         first, last = e["entropy_first_last"]
         var = e["var_dh"]
         var_text = "n/a" if math.isnan(var[0]) else f"{var[0]:.2e} [{var[1]:.2e}, {var[2]:.2e}]"
+        rvar = e["var_dh_rollout"]
+        rvar_text = "n/a" if math.isnan(rvar[0]) else f"{rvar[0]:.2e} [{rvar[1]:.2e}, {rvar[2]:.2e}]"
         lines.append(
-            f"| {arm} | {var_text} | {first:.3f} -> {last:.3f} | {e['entropy_collapse']}/{n} | {e['success_collapse']}/{n} "
-            f"| {e['collapse']}/{n} | {e['wall_s'][0]:.0f} ± {e['wall_s'][1]:.0f} |"
+            f"| {arm} | {var_text} | {rvar_text} | {first:.3f} -> {last:.3f} | {e['entropy_collapse']}/{n} | {e['success_collapse']}/{n} "
+            f"| {e['collapse']}/{n} | {e['wall_s'][0]:.0f} ± {e['wall_s'][1]:.0f} | {e['cpu_s']:.0f} |"
         )
     lines += ["", "### Per run: final IID / OOD success (best IID), Var(dH), wall s", ""]
     lines += [
@@ -281,7 +290,7 @@ def figures(summary: dict[str, Any], runs: list[dict[str, Any]], out: str) -> li
             seeds = summary["arms"][arm][f"final_{split}"]["per_seed"]
             ax.scatter([x] * len(seeds), seeds, color="k", s=8, zorder=3)
     ax.set_xticks(range(len(arms)), arms, rotation=30)
-    ax.set(title="final success: IID (solid) / OOD (hatched), seed mean, bootstrap 95% CI; dots: seeds", ylim=(0, 1))
+    ax.set(title="final success, IID (solid) / OOD (hatched)\nseed mean, bootstrap 95% CI; dots: seeds", ylim=(0, 1))
     for a in axes.flat:
         a.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
