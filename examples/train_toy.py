@@ -40,6 +40,10 @@ class ToyScriptArguments:
     `--trainer ppo`, and TRL's `ModelConfig`)."""
 
     trainer: str = field(default="grpo", metadata={"help": TRAINER_HELP, "choices": ["grpo", "ppo"]})
+    env_name: str = field(
+        default="toy",
+        metadata={"help": "Registered pure-Python env: 'toy' or 'quest' (the long-horizon gem quest of the study)."},
+    )
     env_split: str = field(default="train", metadata={"help": "Toy split to train on: 'train', 'iid' or 'ood'."})
     num_tasks: int = field(default=16, metadata={"help": "Number of toy tasks (dataset rows) in the training set."})
     task_seed: int = field(default=0, metadata={"help": "Seed that draws the toy tasks."})
@@ -65,6 +69,12 @@ class ToyScriptArguments:
     save_merged_dir: str | None = field(
         default=None,
         metadata={"help": "With --use_peft: also save the base model with the adapter merged into it here."},
+    )
+    final_eval: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate after training (false: when the periodic evaluation already ran at the last step)."
+        },
     )
 
 
@@ -94,7 +104,7 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
     `peft_config` built by TRL's `get_quantization_config` / `get_peft_config` from the `ModelConfig` flags."""
     from trl import get_peft_config, get_quantization_config
 
-    from trl_epo.envs.toy import ToyEnv, make_dataset
+    from trl_epo.envs.registry import get_env
 
     if model_args.model_name_or_path is None:
         raise ValueError("Pass --model_name_or_path (a Hub id, a local path, or 'tiny' for a tiny local model).")
@@ -119,13 +129,14 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
     training_args.model_init_kwargs = model_init_kwargs
 
     processing_class = None
-    if model_args.model_name_or_path == TINY or model_args.model_name_or_path in MODELS:
+    if model_args.model_name_or_path == TINY or model_args.model_name_or_path in MODELS or os.path.isdir(model_path):
         processing_class = load_tokenizer(model_path)  # as saved (a Hub model's comes through TRL's AutoProcessor)
-    dataset = make_dataset(script_args.env_split, script_args.num_tasks, seed=script_args.task_seed)
+    env = get_env(script_args.env_name)
+    dataset = env.make_dataset(script_args.env_split, num_tasks=script_args.num_tasks, seed=script_args.task_seed)
     evaluation = None
     if script_args.num_eval_tasks > 0:
         evaluation = {
-            split: make_dataset(split, script_args.num_eval_tasks, seed=script_args.task_seed + 1)
+            split: env.make_dataset(split, num_tasks=script_args.num_eval_tasks, seed=script_args.task_seed + 1)
             for split in script_args.eval_splits
         }
     _, trainer_cls = trainer_classes(script_args.trainer)
@@ -135,7 +146,7 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
         train_dataset=dataset,
         eval_dataset=evaluation,
         processing_class=processing_class,
-        env_factory=ToyEnv,
+        env_factory=env.factory(),
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
         **trainer_kwargs,
@@ -145,7 +156,7 @@ def build_trainer(script_args: ToyScriptArguments, training_args, model_args, **
 def main(script_args: ToyScriptArguments, training_args, model_args) -> None:
     trainer = build_trainer(script_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if trainer.eval_dataset is not None:
+    if trainer.eval_dataset is not None and script_args.final_eval:
         trainer.evaluate()  # the final evaluation, also written to eval_results.json for the model card
     trainer.save_model(training_args.output_dir)  # the adapter alone under --use_peft, else the full model
     if script_args.save_merged_dir:

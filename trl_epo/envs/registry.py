@@ -119,6 +119,7 @@ def registered_envs() -> Mapping[str, EnvSpec]:
 
 
 register_env(EnvSpec("toy", "trl_epo.envs.toy", "ToyEnv", ("train", "iid", "ood"), max_turns=15))
+register_env(EnvSpec("quest", "trl_epo.envs.quest", "QuestEnv", ("train", "iid", "ood"), max_turns=28))
 register_env(
     EnvSpec(
         "sciworld",
