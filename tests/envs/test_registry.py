@@ -16,8 +16,8 @@ def isolated_registry(monkeypatch):
     monkeypatch.setattr(registry, "_ENVS", dict(registry._ENVS))
 
 
-def test_the_three_envs_are_registered_and_aliases_resolve():
-    assert sorted(registered_envs()) == ["alfworld", "sciworld", "toy"]
+def test_the_envs_are_registered_and_aliases_resolve():
+    assert sorted(registered_envs()) == ["alfworld", "quest", "sciworld", "toy"]
     assert get_env("scienceworld") is get_env("sciworld")
     assert get_env("SciWorld").name == "sciworld"  # names are case-insensitive
     assert find_env("nowhere") is None and find_env(None) is None and find_env("") is None
