@@ -91,7 +91,9 @@ def test_a_registered_env_gets_defaults_and_a_picklable_factory(isolated_registr
 
 
 def test_get_env_error_lists_the_known_envs():
-    with pytest.raises(ValueError, match=r"Unknown environment 'webshop'; known: \['alfworld', 'sciworld', 'toy'\]"):
+    with pytest.raises(
+        ValueError, match=r"Unknown environment 'webshop'; known: \['alfworld', 'quest', 'sciworld', 'toy'\]"
+    ):
         get_env("webshop")
     with pytest.raises(ValueError, match="register_env"):
         get_env("webshop")
