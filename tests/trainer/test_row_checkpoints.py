@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import base_config_kwargs
+from conftest import base_config_kwargs, windowed_config_kwargs
 
 from trl_epo import EPOConfig, EPOTrainer, row_buffer
 from trl_epo.env_training import EnvTrainingMixin
@@ -28,17 +28,11 @@ class _Payload:
 
 def windowed_args(tmp_path, **overrides):
     kwargs = dict(
+        max_steps=3,
         per_device_train_batch_size=2,
-        num_generations=2,
-        max_completion_length=400,
-        env_max_turns=3,
-        env_max_turn_tokens=8,
-        env_pool_backend="thread",
-        env_history_turns=1,
-        temperature=1.0,
     )
     kwargs.update(overrides)
-    return EPOConfig(**base_config_kwargs(tmp_path, **kwargs))
+    return EPOConfig(**windowed_config_kwargs(tmp_path, **kwargs))
 
 
 def test_the_row_buffer_round_trips_every_field_exactly(tmp_path):
