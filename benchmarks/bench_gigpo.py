@@ -133,9 +133,9 @@ def main(argv=None) -> dict:
     for key, value in results["metrics"].items():
         print(f"{key:55s} {json.dumps({k: round(v, 3) for k, v in value.items()})}")
     if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+        from trl_epo.run_files import write_json_atomic
+
+        write_json_atomic(os.path.abspath(args.output), results)
     return results
 
 

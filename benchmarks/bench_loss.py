@@ -32,7 +32,6 @@ Results go to stdout (a table) and to `--output` (JSON).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -421,9 +420,9 @@ def main(argv=None) -> dict:
     result = run(args)
     print(report(result))
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        from trl_epo.run_files import write_json_atomic
+
+        write_json_atomic(os.path.abspath(args.output), result)
     return result
 
 

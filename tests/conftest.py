@@ -87,3 +87,21 @@ def base_config_kwargs(tmp_path, **overrides):
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def windowed_config_kwargs(tmp_path, **overrides):
+    """`base_config_kwargs` for toy-env episodes of up to 3 short turns seen through a window of 1 past turn (one
+    training row per turn), on threads; `overrides` win."""
+    kwargs = dict(
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=400,
+        env_max_turns=3,
+        env_max_turn_tokens=8,
+        env_pool_backend="thread",
+        env_history_turns=1,
+        temperature=1.0,
+    )
+    kwargs.update(overrides)
+    return base_config_kwargs(tmp_path, **kwargs)

@@ -14,17 +14,14 @@ ZeRO-3 shards. Launches that would make each process train alone fail at constru
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from helpers.launches import REPO, launch_two_processes
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 420
 
 COMMON_FLAGS = [
@@ -67,46 +64,13 @@ COMMON_FLAGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_launch(config: str, output_dir, flags, export_dir=None) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(REPO, "examples", "accelerate", config),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        os.path.join(REPO, "tests", "distributed", "distributed_epo_run.py"),
-        "--report_dir",
-        os.path.join(output_dir, "reports"),
-        "--output_dir",
-        str(output_dir),
-        *flags,
-    ]
+    args = ["--report_dir", os.path.join(output_dir, "reports"), "--output_dir", output_dir, *flags]
     if export_dir is not None:
-        command += ["--export_dir", str(export_dir)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    # A session of its own, so that a hung launch is stopped with all its worker processes.
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        args += ["--export_dir", export_dir]
+    return launch_two_processes(
+        str(REPO / "tests" / "distributed" / "distributed_epo_run.py"), args, config, TIMEOUT_S
     )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"launch timed out after {TIMEOUT_S}s:\n{stdout[-4000:]}\n{stderr[-8000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def launch(config: str, output_dir, extra_flags=(), export_dir=None) -> dict[int, dict]:

@@ -8,11 +8,10 @@ import signal
 import time
 
 import pytest
-from helpers.launches import TOY_FLAGS, env_worker_pids, finish, prepare_tiny_model, rank_pid, start, wait_for
+from helpers.launches import REPO, TOY_FLAGS, env_worker_pids, finish, prepare_tiny_model, rank_pid, start, wait_for
 from transformers.trainer_utils import get_last_checkpoint
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 420
 
 
@@ -55,7 +54,7 @@ def test_a_disk_failing_on_rank_0_during_a_checkpoint_stops_both_ranks_cleanly(t
     flags = [*TOY_FLAGS, "--tiny_model_dir", prepare_tiny_model(tmp_path / "tiny")]
     flags += ["--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--fail_disk_at_step", "2"]
     run_dir = tmp_path / "run"
-    script = os.path.join(REPO, "tests", "distributed", "failing_disk_run.py")
+    script = str(REPO / "tests" / "distributed" / "failing_disk_run.py")
     status, log = finish(start(run_dir, flags, processes=2, script=script), TIMEOUT_S)  # finish() fails on a hang
     assert status != 0
     # Both ranks stop with the same clear error (rank 0 with the cause), none waits for the other.

@@ -3,11 +3,10 @@ get exactly the advantages one process computes on the same episodes, and both p
 decisions (the same number of refill rollouts and kept groups)."""
 
 import json
-import os
 
 import pytest
 import torch
-from test_distributed import REPO, free_port
+from helpers.launches import REPO, launch_two_processes
 
 from trl_epo.gigpo import gigpo_advantages
 from trl_epo.rows import group_advantages
@@ -15,35 +14,8 @@ from trl_epo.rows import group_advantages
 
 @pytest.mark.slow
 def test_two_processes_match_one_on_the_same_episodes(tmp_path):
-    import signal
-    import subprocess
-    import sys
-
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(REPO, "examples", "accelerate", "multi_gpu.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        os.path.join(REPO, "tests", "distributed", "gigpo_run.py"),
-        str(tmp_path),
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-    assert process.returncode == 0, f"{stdout[-3000:]}\n{stderr[-6000:]}"
+    result = launch_two_processes(str(REPO / "tests" / "distributed" / "gigpo_run.py"), [tmp_path], timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert [r["world_size"] for r in reports] == [2, 2]
     r0, r1 = reports

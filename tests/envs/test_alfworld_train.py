@@ -23,6 +23,20 @@ def _load_example(name):
     return module
 
 
+def train_alfworld_tiny(generated_root, output_dir, *flags):
+    """examples/train_alfworld.py with its tiny config on the generated games, env workers on threads; the trainer."""
+    return _load_example("train_alfworld").main(
+        [
+            "--config", str(REPO_ROOT / "examples" / "configs" / "alfworld_tiny.yaml"),
+            "--data_root", generated_root,
+            "--generate_per_type", "0",
+            "--output_dir", str(output_dir),
+            "--env_pool_backend", "thread",
+            *flags,
+        ]
+    )  # fmt: skip
+
+
 def test_scripted_agent_wins_alfworld_through_the_rollout(tokenizer, generated_root):
     tasks = [
         make_tasks("train", generated_root, task_types=[t])[0]
@@ -61,22 +75,8 @@ def test_scripted_agent_wins_alfworld_through_the_rollout(tokenizer, generated_r
 
 
 def test_epo_trains_two_steps_on_alfworld_games(generated_root, tmp_path):
-    example = _load_example("train_alfworld")
     out = tmp_path / "run"
-    trainer = example.main(
-        [
-            "--config",
-            str(REPO_ROOT / "examples" / "configs" / "alfworld_tiny.yaml"),
-            "--data_root",
-            generated_root,
-            "--generate_per_type",
-            "0",
-            "--output_dir",
-            str(out),
-            "--env_pool_backend",
-            "thread",
-        ]
-    )
+    trainer = train_alfworld_tiny(generated_root, out)
     assert trainer.state.global_step == 2
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2

@@ -5,8 +5,7 @@ import functools
 
 import pytest
 from conftest import base_config_kwargs
-from helpers.alfworld_testdata import REPO_ROOT
-from test_alfworld_train import _load_example
+from test_alfworld_train import train_alfworld_tiny
 
 from trl_epo.envs.alfworld import AlfWorldEnv, make_tasks
 
@@ -27,29 +26,14 @@ def test_alfworld_state_keys_name_states_not_feedback(generated_root):
 
 @pytest.mark.slow
 def test_gigpo_with_epo_trains_a_step_on_alfworld_games(generated_root, tmp_path):
-    example = _load_example("train_alfworld")
-    trainer = example.main(
-        [
-            "--config",
-            str(REPO_ROOT / "examples" / "configs" / "alfworld_tiny.yaml"),
-            "--data_root",
-            generated_root,
-            "--generate_per_type",
-            "0",
-            "--output_dir",
-            str(tmp_path / "run"),
-            "--env_pool_backend",
-            "thread",
-            "--max_steps",
-            "1",
-            "--env_advantage_estimator",
-            "gigpo",
-            "--env_gigpo_step_norm",
-            "mean_std_norm",
-            "--env_advantage_baseline",
-            "rows",
-        ]
-    )
+    trainer = train_alfworld_tiny(
+        generated_root,
+        tmp_path / "run",
+        "--max_steps", "1",
+        "--env_advantage_estimator", "gigpo",
+        "--env_gigpo_step_norm", "mean_std_norm",
+        "--env_advantage_baseline", "rows",
+    )  # fmt: skip
     log = next(h for h in trainer.state.log_history if "loss" in h)
     assert trainer.state.global_step == 1 and "epo/entropy" in log
     # the first turns of a group share the reset's state: at least those are anchored

@@ -17,6 +17,7 @@ import uvicorn
 from conftest import base_config_kwargs
 from datasets import Dataset
 from helpers import openenv_server
+from helpers.launches import free_port
 from helpers.openenv_server import DoorAction, DoorEnvironment, DoorObservation
 from helpers.scripted import ScriptedLM
 from openenv.core.env_server.http_server import create_fastapi_app  # the `openenv` extra
@@ -31,12 +32,6 @@ from trl_epo.rollout import ModelGenerator, MultiTurnRollout, RolloutConfig
 
 TESTS = Path(__file__).resolve().parents[1]
 TASK = TaskSpec(env="door", task="escape", seed=3, extra={"task_description": "Leave the room."})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""Real training subprocesses for the preemption and fault tests: `examples/train_toy.py` in one process, or under
-`accelerate launch --num_processes 2` (DDP over gloo on the CPU), started in a session of their own so that a hung
-launch is stopped with all its processes; and the process tree around them (rank processes, env workers)."""
+"""Real training subprocesses for the multi-process tests: a script (`examples/train_toy.py` by default) in one process,
+or under `accelerate launch --num_processes 2` (DDP over gloo on the CPU, or DeepSpeed), started in a session of its
+own so that a hung launch is stopped with all its processes; and the process tree around them (rank processes, env
+workers)."""
 
 from __future__ import annotations
 
@@ -60,26 +61,64 @@ def prepare_tiny_model(path: Path) -> str:
     return str(path)
 
 
+def accelerate_command(script: str, processes: int = 2, config: str = "multi_gpu.yaml") -> list[str]:
+    """`accelerate launch` of `script` on `processes` processes with the shipped `examples/accelerate/<config>`, on a
+    free port (no mixed precision: the CPU runs in float32)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "examples" / "accelerate" / config),
+        "--num_processes", str(processes),
+        "--mixed_precision", "no",
+        "--main_process_port", str(free_port()),
+        script,
+    ]  # fmt: skip
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a run: offline, this checkout's code, one thread."""
+    return dict(
+        os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"
+    )
+
+
+def launch_two_processes(
+    script: str, args, config: str = "multi_gpu.yaml", timeout: float = 420
+) -> subprocess.CompletedProcess:
+    """Run `script args` under `accelerate launch --num_processes 2` (`config`), in a session of its own, so that a
+    hung launch is stopped with all its worker processes (the test fails after `timeout` s); its captured output."""
+    command = [*accelerate_command(script, 2, config), *map(str, args)]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"launch timed out after {timeout:.0f}s:\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def start(output_dir, flags, processes: int = 1, script: str = TRAIN_TOY, log_name: str = "") -> subprocess.Popen:
     """Start `script` with `flags` in 1 process or 2 (accelerate launch, DDP on the CPU over gloo); its output goes
     to `<output_dir><log_name>.log`."""
-    if processes == 1:
-        command = [sys.executable, script]
-    else:
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(REPO / "examples" / "accelerate" / "multi_gpu.yaml"),
-            "--num_processes", str(processes),
-            "--mixed_precision", "no",
-            "--main_process_port", str(free_port()),
-            script,
-        ]  # fmt: skip
+    command = [sys.executable, script] if processes == 1 else accelerate_command(script, processes)
     command += ["--output_dir", str(output_dir), *flags]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env["TOKENIZERS_PARALLELISM"] = "false"
     log = open(Path(f"{output_dir}{log_name}.log"), "w")  # noqa: SIM115 - closed by finish()
     process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        command,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     process.log_path = log.name
     process.log_file = log

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import base_config_kwargs
+from conftest import base_config_kwargs, windowed_config_kwargs
 from trl import GRPOTrainer
 
 from trl_epo import EPOConfig, EPOPPOConfig, EPOPPOTrainer
@@ -17,18 +17,11 @@ from trl_epo.rows import episode_rows
 def ppo_args(tmp_path, **overrides):
     kwargs = dict(
         max_steps=2,
-        per_device_train_batch_size=4,
         num_generations=1,
-        max_completion_length=400,
-        env_max_turns=3,
-        env_max_turn_tokens=8,
-        env_pool_backend="thread",
-        env_history_turns=1,
-        temperature=1.0,
         critic_learning_rate=1e-3,
     )
     kwargs.update(overrides)
-    return EPOPPOConfig(**base_config_kwargs(tmp_path, **kwargs))
+    return EPOPPOConfig(**windowed_config_kwargs(tmp_path, **kwargs))
 
 
 def task_reward(completions, task, **kwargs):

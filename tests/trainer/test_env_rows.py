@@ -4,7 +4,7 @@ that would mix their blocks, and the LR schedule can step once per rollout."""
 
 import pytest
 import torch
-from conftest import base_config_kwargs
+from conftest import base_config_kwargs, windowed_config_kwargs
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.env_training import EnvTrainingMixin
@@ -16,19 +16,7 @@ from trl_epo.rows import StepCounts, collate, episode_rows, schedule_rows, set_e
 
 
 def windowed_args(tmp_path, **overrides):
-    kwargs = dict(
-        max_steps=1,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=400,
-        env_max_turns=3,
-        env_max_turn_tokens=8,
-        env_pool_backend="thread",
-        env_history_turns=1,
-        temperature=1.0,
-    )
-    kwargs.update(overrides)
-    return EPOConfig(**base_config_kwargs(tmp_path, **kwargs))
+    return EPOConfig(**windowed_config_kwargs(tmp_path, **overrides))
 
 
 def test_step_and_packed_layouts_give_the_same_logps_entropies_and_loss(tokenizer, make_model, tmp_path):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import base_config_kwargs
+from conftest import windowed_config_kwargs
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.envs.toy import ToyEnv, make_dataset
@@ -96,22 +96,13 @@ def test_gigpo_groups_are_per_reset_and_failures_join_no_group():
 
 def gigpo_args(tmp_path, **overrides):
     kwargs = dict(
-        max_steps=1,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=400,
-        env_max_turns=3,
-        env_max_turn_tokens=8,
-        env_pool_backend="thread",
-        env_history_turns=1,
-        temperature=1.0,
         env_advantage_estimator="gigpo",
         env_advantage_baseline="rows",
         env_gigpo_step_norm="mean_std_norm",
         env_invalid_action_penalty=0.1,
     )
     kwargs.update(overrides)
-    return EPOConfig(**base_config_kwargs(tmp_path, **kwargs))
+    return EPOConfig(**windowed_config_kwargs(tmp_path, **kwargs))
 
 
 def test_gigpo_config_is_validated(tmp_path):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import base_config_kwargs
+from conftest import windowed_config_kwargs
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.env_training import EnvTrainingMixin
@@ -111,20 +111,13 @@ def filter_args(tmp_path, **overrides):
     kwargs = dict(
         max_steps=2,
         per_device_train_batch_size=2,
-        num_generations=2,
-        max_completion_length=400,
-        env_max_turns=3,
-        env_max_turn_tokens=8,
-        env_pool_backend="thread",
-        env_history_turns=1,
-        temperature=1.0,
         env_updates_per_rollout=2,
         env_filter_groups=True,
         env_filter_max_rollouts=4,
         env_advantage_estimator="gigpo",
     )
     kwargs.update(overrides)
-    return EPOConfig(**base_config_kwargs(tmp_path, **kwargs))
+    return EPOConfig(**windowed_config_kwargs(tmp_path, **kwargs))
 
 
 def make_trainer(make_model, tokenizer, args):

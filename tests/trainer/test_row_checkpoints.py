@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import base_config_kwargs
+from conftest import base_config_kwargs, windowed_config_kwargs
 
 from trl_epo import EPOConfig, EPOTrainer, row_buffer
 from trl_epo.env_training import EnvTrainingMixin
@@ -28,17 +28,21 @@ class _Payload:
 
 def windowed_args(tmp_path, **overrides):
     kwargs = dict(
+        max_steps=3,
         per_device_train_batch_size=2,
-        num_generations=2,
-        max_completion_length=400,
-        env_max_turns=3,
-        env_max_turn_tokens=8,
-        env_pool_backend="thread",
-        env_history_turns=1,
-        temperature=1.0,
     )
     kwargs.update(overrides)
-    return EPOConfig(**base_config_kwargs(tmp_path, **kwargs))
+    return EPOConfig(**windowed_config_kwargs(tmp_path, **kwargs))
+
+
+def train_on_toy_tasks(model, tokenizer, args, resume=None) -> EPOTrainer:
+    """Train on 4 toy tasks (resuming from `resume` when given); the trainer, its env workers closed."""
+    trainer = EPOTrainer(
+        model, args=args, train_dataset=make_dataset("train", 4), processing_class=tokenizer, env_factory=ToyEnv
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.close_envs()
+    return trainer
 
 
 def test_the_row_buffer_round_trips_every_field_exactly(tmp_path):
@@ -128,16 +132,7 @@ def test_resume_inside_the_num_iterations_passes_trains_on_the_same_rollout(
         args = windowed_args(
             output_dir, num_iterations=2, max_steps=2, save_strategy="steps", save_steps=1, learning_rate=1e-2
         )
-        trainer = EPOTrainer(
-            make_model(),
-            args=args,
-            train_dataset=make_dataset("train", 4),
-            processing_class=tokenizer,
-            env_factory=ToyEnv,
-        )
-        trainer.train(resume_from_checkpoint=resume)
-        trainer.close_envs()
-        return trainer
+        return train_on_toy_tasks(make_model(), tokenizer, args, resume)
 
     straight = run(tmp_path)
     assert os.path.exists(tmp_path / "checkpoint-1" / ROW_BUFFER_NAME.format(rank=0))
@@ -165,16 +160,7 @@ def test_resume_at_an_epoch_boundary_plays_the_same_tasks(tokenizer, make_model,
         args = windowed_args(
             output_dir, per_device_train_batch_size=8, max_steps=2, save_strategy="steps", save_steps=1
         )
-        trainer = EPOTrainer(
-            make_model(),
-            args=args,
-            train_dataset=make_dataset("train", 4),
-            processing_class=tokenizer,
-            env_factory=ToyEnv,
-        )
-        trainer.train(resume_from_checkpoint=resume)
-        trainer.close_envs()
-        return trainer
+        return train_on_toy_tasks(make_model(), tokenizer, args, resume)
 
     run(tmp_path)
     straight, played[:] = list(played), []

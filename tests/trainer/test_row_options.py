@@ -3,7 +3,7 @@ for env_forward_token_budget None / small / 1, or the option is refused with the
 
 import pytest
 import torch
-from conftest import base_config_kwargs, count_a_reward
+from conftest import base_config_kwargs, count_a_reward, windowed_config_kwargs
 
 from trl_epo import EPOConfig, EPOTrainer
 from trl_epo.envs.toy import ToyEnv, make_dataset
@@ -13,19 +13,7 @@ BUDGETS = (None, "small", 1)  # "small": two of the longest rows per chunk
 
 
 def make_trainer(tokenizer, make_model, tmp_path, **overrides):
-    kwargs = dict(
-        max_steps=1,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=400,
-        env_max_turns=3,
-        env_max_turn_tokens=8,
-        env_pool_backend="thread",
-        env_history_turns=1,
-        temperature=1.0,
-    )
-    kwargs.update(overrides)
-    args = EPOConfig(**base_config_kwargs(tmp_path, **kwargs))
+    args = EPOConfig(**windowed_config_kwargs(tmp_path, **overrides))
     return EPOTrainer(
         make_model(initializer_range=0.2),
         reward_funcs=count_a_reward,
