@@ -11,6 +11,8 @@ import pytest
 from helpers.launches import REPO, TOY_FLAGS, env_worker_pids, finish, prepare_tiny_model, rank_pid, start, wait_for
 from transformers.trainer_utils import get_last_checkpoint
 
+from trl_epo.row_training import ROW_BUFFER_NAME
+
 
 TIMEOUT_S = 420
 
@@ -71,4 +73,4 @@ def test_a_disk_failing_on_rank_0_during_a_checkpoint_stops_both_ranks_cleanly(t
         "rng_state_1.pth",
         "trainer_state.json",
     } <= checkpoint
-    assert {"epo_rollout_buffer_rank0.pt", "epo_rollout_buffer_rank1.pt"} <= checkpoint  # inside the rollout
+    assert {ROW_BUFFER_NAME.format(rank=r) for r in (0, 1)} <= checkpoint  # inside the rollout
