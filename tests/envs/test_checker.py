@@ -40,7 +40,12 @@ def _alfworld_setup():
     return spec.factory(data_root=root), spec.make_tasks(split, data_root=root, num_tasks=1)[0]
 
 
-ENV_SETUPS = {"toy": _toy_setup, "sciworld": _sciworld_setup, "alfworld": _alfworld_setup}
+def _quest_setup():
+    spec = get_env("quest")
+    return spec.factory(), spec.make_tasks("train", num_tasks=1)[0]
+
+
+ENV_SETUPS = {"toy": _toy_setup, "quest": _quest_setup, "sciworld": _sciworld_setup, "alfworld": _alfworld_setup}
 
 
 @pytest.mark.parametrize("name", sorted(registered_envs()))
