@@ -27,6 +27,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -114,7 +115,7 @@ def run_arm(args: BenchTRLToolsArguments) -> dict:
     model = build_tiny_model(tokenizer, hidden_size=args.hidden_size, seed=args.seed)
     data = rows(args.batch_size * args.steps, args.num_generations)
     common = dict(
-        output_dir=f"/tmp/bench_trl_tools_{args.arm}",
+        output_dir=tempfile.mkdtemp(prefix=f"bench_trl_tools_{args.arm}_"),
         per_device_train_batch_size=args.batch_size,
         num_generations=args.num_generations,
         # never binding: the turn limit is the budget (a windowed turn re-adds the ~600-token tool prompt)

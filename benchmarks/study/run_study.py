@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 
@@ -30,10 +31,12 @@ class StudyArguments:
     grid: str = field(default="quest-tiny", metadata={"help": "A grid of benchmarks/study/grids.py."})
     jobs: int = field(default=2, metadata={"help": "Runs trained at the same time (one process, one thread each)."})
     runs_dir: str = field(
-        default="/tmp/study-runs", metadata={"help": "Run folders (checkpoints): <runs_dir>/<grid>/."}
+        default=os.path.join(tempfile.gettempdir(), "study-runs"),
+        metadata={"help": "Run folders (checkpoints): <runs_dir>/<grid>/."},
     )
     results_dir: str = field(
-        default="/tmp/study-results", metadata={"help": "Result JSONs: <results_dir>/<grid>/<arm>_seed<k>.json."}
+        default=os.path.join(tempfile.gettempdir(), "study-results"),
+        metadata={"help": "Result JSONs: <results_dir>/<grid>/<arm>_seed<k>.json."},
     )
     arms: list[str] = field(default_factory=list, metadata={"help": "Only these arms (default: all of the grid)."})
     seeds: list[int] = field(default_factory=list, metadata={"help": "Only these seeds (default: the grid's)."})
