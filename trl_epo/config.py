@@ -116,8 +116,8 @@ class EPOConfig(GRPOConfig):
             with the rollout's counts / K, so an episode's weight does not depend on the step it lands in.
         env_advantage_baseline (`str`, *optional*, defaults to `"episode"`):
             `"episode"`: GRPO's baseline over the G episodes of a group (the paper's formula). `"rows"`: the baseline
-            over all turn rows of the group, each episode weighted by its number of rows (the paper's code, verl-agent).
-            Either way every row of an episode carries its episode's advantage.
+            over all turn rows of the group, each episode weighted by its number of turns in every layout (the paper's
+            code, verl-agent). Either way every row of an episode carries its episode's advantage.
         env_forward_token_budget (`int` or `None`, *optional*, defaults to `16384`):
             Tokens (padding included) per forward/backward pass: a micro-batch's rows are cut into chunks of at most
             this many tokens, so memory is set by the longest turn, not by the batch. A longer row gets its own pass.

@@ -255,8 +255,10 @@ class RowTrainingMixin:
         `rewards` holds all processes' episodes in TRL's order; `rows` are this process's. A critic-based trainer
         overrides this (per-token advantages: a list per row)."""
         accelerator, gigpo = self.accelerator, self.args.env_advantage_estimator == "gigpo"
-        local_rows = torch.tensor(  # GiGPO: turns (= step rows) in every layout, so that layouts agree
-            [max(1, e.turns) if gigpo else sum(r.episode == i for r in rows) for i, e in enumerate(batch.episodes)],
+        # the "rows" baseline weighs an episode by its turns (= its rows in the step layout) in every layout, so that
+        # the layouts agree (one packed row per episode must not make it the episode baseline)
+        local_rows = torch.tensor(
+            [max(1, e.turns) for e in batch.episodes],
             dtype=torch.float32,
             device=accelerator.device,
         )

@@ -199,3 +199,40 @@ def test_per_token_advantages_reach_the_loss_with_every_loss_type(tokenizer, mak
         assert math.isfinite(log["loss"]) and "gigpo/step_adv_std" in log and "gigpo/step_groups" in log
     for _, advantages, mask in seen:
         assert advantages.dim() == 2 and (advantages[mask == 0] == 0).all()
+
+
+def test_grpo_rows_baseline_weighs_turns_in_every_layout(tokenizer, make_model, tmp_path):
+    """GRPO with `env_advantage_baseline="rows"`: an episode weighs its turns in the baseline, also when the packed
+    or episode layout gives it one row (before, those layouts fell back to the episode baseline)."""
+    from types import SimpleNamespace
+
+    trainer = EPOTrainer(
+        make_model(),
+        args=gigpo_args(tmp_path, env_advantage_estimator="grpo", num_generations=2),
+        train_dataset=make_dataset("train", 4),
+        processing_class=tokenizer,
+        env_factory=ToyEnv,
+    )
+
+    def built(turns):  # prompt 2 tokens; each turn: 2 action tokens, then 1 observation token
+        completion, mask, ids = [], [], []
+        for t in range(turns):
+            completion += [5, 6, 7]
+            mask += [1, 1, 0]
+            ids += [t, t, t]
+        return SimpleNamespace(prompt_ids=[1, 2], completion_ids=completion, env_mask=mask, turn_ids=ids, turns=turns)
+
+    episodes = [built(3), built(1), built(2), built(1)]
+    batch = SimpleNamespace(episodes=episodes)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    counts = torch.tensor([3.0, 1.0, 2.0, 1.0])
+    expected = group_advantages(rewards, 2, trainer.scale_rewards, "rows", counts).tolist()
+    assert expected[0] != pytest.approx(-expected[1])  # unequal weights: differs from the episode baseline
+    for layout in ("step", "packed", "episode"):
+        rows = [
+            row
+            for i, e in enumerate(episodes)
+            for row in episode_rows(i, e.prompt_ids, e.completion_ids, e.env_mask, e.turn_ids, None, layout)
+        ]
+        trainer._assign_advantages(rows, rewards, batch)
+        assert all(row.advantage == pytest.approx(expected[row.episode]) for row in rows), layout
