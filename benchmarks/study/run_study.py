@@ -6,6 +6,8 @@
     # summarise whatever has finished: markdown tables + PNG figures
     python benchmarks/study/run_study.py --action summarize --grid quest-tiny --results_dir /work/study-results \
         --summary_dir benchmarks/results/study/quest-tiny
+    # re-read the finished runs' curves from their run folders (after `runner.curves` learned a metric)
+    python benchmarks/study/run_study.py --action refresh --grid quest-tiny --results_dir /work/study-results
 
 Grids and arms: `benchmarks/study/grids.py` (one table of config overrides per arm). Per-run results:
 `<results_dir>/<grid>/<arm>_seed<k>.json`; run folders (checkpoints, logs): `<runs_dir>/<grid>/<arm>_seed<k>/`.
@@ -27,7 +29,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @dataclass
 class StudyArguments:
-    action: str = field(default="run", metadata={"help": "'run' the grid or 'summarize' its results."})
+    action: str = field(
+        default="run",
+        metadata={"help": "'run' the grid, 'summarize' its results or 'refresh' their curves from the run folders."},
+    )
     grid: str = field(default="quest-tiny", metadata={"help": "A grid of benchmarks/study/grids.py."})
     jobs: int = field(default=2, metadata={"help": "Runs trained at the same time (one process, one thread each)."})
     runs_dir: str = field(
@@ -60,7 +65,12 @@ def main(argv=None):
         results = os.path.join(args.results_dir, args.grid)
         summarize_grid(results, args.summary_dir or os.path.join(results, "summary"))
         return 0
-    raise ValueError(f"Unknown action {args.action!r}; use 'run' or 'summarize'.")
+    if args.action == "refresh":
+        from runner import refresh_curves
+
+        print(refresh_curves(os.path.join(args.results_dir, args.grid)))
+        return 0
+    raise ValueError(f"Unknown action {args.action!r}; use 'run', 'summarize' or 'refresh'.")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def curves(log_history: list[dict[str, Any]], k: int, eval_splits: list[str]) ->
         "learning_rate": [h.get("learning_rate") for h in steps],
         "beta": [h.get("epo/beta") for h in steps],
         "out_of_corridor_frac": [h.get("epo/out_of_corridor_frac") for h in steps],
+        "anchor_coverage": [h.get("gigpo/anchor_coverage") for h in steps],  # GiGPO arms only
+        "step_adv_std": [h.get("gigpo/step_adv_std") for h in steps],
         "eval": [],
     }
     for h in log_history:
@@ -253,3 +255,24 @@ def run_grid(
             )
     print(f"[study] {grid_name}: {report}", flush=True)
     return report
+
+
+def refresh_curves(results_dir: str) -> list[str]:
+    """Re-extract the curves of every finished run of `results_dir` (one grid's) from its run folder's final
+    `trainer_state.json` (e.g. after `curves` learned a new metric); a run whose folder is gone keeps its JSON."""
+    refreshed = []
+    for name in sorted(os.listdir(results_dir)):
+        if not name.endswith(".json") or name == "sft.json":
+            continue
+        with open(os.path.join(results_dir, name)) as f:
+            result = json.load(f)
+        state_path = os.path.join(result["config"]["output_dir"], "trainer_state.json")
+        if not os.path.exists(state_path):
+            continue
+        with open(state_path) as f:
+            state = json.load(f)
+        splits = list(result["config"].get("eval_splits", ["iid", "ood"]))
+        result["curves"] = curves(state["log_history"], result["updates_per_rollout"], splits)
+        write_json(os.path.join(results_dir, name), result)
+        refreshed.append(name)
+    return refreshed

@@ -91,6 +91,8 @@ def run_stats(run: dict[str, Any]) -> dict[str, Any]:
     }
     stats["var_dh_rollout"] = entropy_change_variance(per_rollout)  # the K steps of a rollout see different episodes
     stats["cpu_s"] = run.get("cpu_s", math.nan)
+    coverage = _clean(c.get("anchor_coverage", []))  # GiGPO: fraction of turns in a step group of size > 1
+    stats["anchor_coverage"] = statistics.fmean(coverage) if coverage else math.nan
     stats["entropy_first"], stats["entropy_last"] = first, last
     stats["entropy_collapse"] = bool(entropy) and last < ENTROPY_COLLAPSE * first
     for split in SPLITS:
@@ -137,6 +139,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         entry["var_dh"] = bootstrap_mean([s["var_dh"] for s in mine])
         entry["var_dh_rollout"] = bootstrap_mean([s["var_dh_rollout"] for s in mine])
         entry["cpu_s"] = statistics.fmean(_clean([s["cpu_s"] for s in mine]) or [math.nan])
+        entry["anchor_coverage"] = statistics.fmean(_clean([s["anchor_coverage"] for s in mine]) or [math.nan])
         entry["entropy_first_last"] = (
             statistics.fmean(_clean([s["entropy_first"] for s in mine]) or [math.nan]),
             statistics.fmean(_clean([s["entropy_last"] for s in mine]) or [math.nan]),
@@ -204,8 +207,8 @@ def tables(summary: dict[str, Any]) -> str:
         "",
         "| arm | Var(dH) per step, seed mean [bootstrap 95%] | Var(dH) per rollout (mean of its K steps) "
         "| entropy first -> last rollouts | entropy collapses | success collapses | either | wall s per run (mean ± sd) "
-        "| CPU s per run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU s per run | GiGPO anchor coverage |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, e in arms.items():
         n = len(e["seeds"])
@@ -216,7 +219,8 @@ def tables(summary: dict[str, Any]) -> str:
         rvar_text = "n/a" if math.isnan(rvar[0]) else f"{rvar[0]:.2e} [{rvar[1]:.2e}, {rvar[2]:.2e}]"
         lines.append(
             f"| {arm} | {var_text} | {rvar_text} | {first:.3f} -> {last:.3f} | {e['entropy_collapse']}/{n} | {e['success_collapse']}/{n} "
-            f"| {e['collapse']}/{n} | {e['wall_s'][0]:.0f} ± {e['wall_s'][1]:.0f} | {e['cpu_s']:.0f} |"
+            f"| {e['collapse']}/{n} | {e['wall_s'][0]:.0f} ± {e['wall_s'][1]:.0f} | {e['cpu_s']:.0f} "
+            f"| {'-' if math.isnan(e['anchor_coverage']) else format(e['anchor_coverage'], '.3f')} |"
         )
     lines += ["", "### Per run: final IID / OOD success (best IID), Var(dH), wall s", ""]
     lines += [

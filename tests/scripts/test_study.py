@@ -95,3 +95,14 @@ def test_smoke_grid_runs_resumes_skips_and_summarizes(tmp_path):
     with open(os.path.join(out, "summary.md")) as f:
         text = f.read()
     assert "| grpo | 1 |" in text and "Wilson" in text and "bootstrap" in text
+
+    # `refresh` re-reads the curves of a finished run from its run folder
+    result["curves"] = {"eval": []}
+    with open(path, "w") as f:
+        json.dump(result, f)
+    refreshed = study("--action", "refresh", "--grid", "smoke", "--results_dir", results)
+    assert refreshed.returncode == 0 and "grpo_seed0.json" in refreshed.stdout, refreshed.stderr[-3000:]
+    with open(path) as f:
+        curves = json.load(f)["curves"]
+    assert len(curves["entropy"]) == 4 and [e["step"] for e in curves["eval"]] == [0, 2, 4]
+    assert curves["anchor_coverage"] == [None] * 4  # a GRPO arm logs no GiGPO anchors
