@@ -58,7 +58,7 @@ def main(argv=None):
         from runner import run_grid
 
         report = run_grid(args.grid, args.runs_dir, args.results_dir, args.jobs, args.arms or None, args.seeds or None)
-        return 1 if report["failed"] else 0
+        return 1 if report["failed"] else 75 if report["preempted"] else 0
     if args.action == "summarize":
         from summary import summarize_grid
 

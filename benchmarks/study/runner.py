@@ -5,6 +5,10 @@ over the arms.
 Resumable: a run whose result JSON exists is never redone; an interrupted run (its folder holds a `checkpoint-*`)
 restarts from its newest checkpoint through the script's `--resume_from_checkpoint`. The result JSON is written
 atomically when the run has finished, from its final checkpoint's `trainer_state.json`.
+
+Stoppable: SIGTERM (or Ctrl-C) to the runner starts nothing more and forwards SIGTERM to the running runs, which
+finish their optimizer step, checkpoint and exit 75 (`trl_epo.preemption`); each such attempt is recorded (wall and
+CPU seconds) in its run folder's `study_attempts.json`, and the runner exits 75.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +26,7 @@ from typing import Any
 import yaml
 
 
+PREEMPTED_EXIT = 75  # `trl_epo.preemption`: a run that checkpointed on SIGTERM and stopped
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -230,12 +236,32 @@ def run_grid(
         record = run_sft(grid["sft"], sft_dir)
         write_json(os.path.join(results_dir, "sft.json"), record)
     todo = [Run(grid_name, grid, a, s, sft_dir, runs_dir, results_dir) for a, s in grid_runs(grid, arms, seeds)]
-    report = {"done": [], "skipped": [r.name for r in todo if os.path.exists(r.result)], "failed": []}
+    report = {"done": [], "skipped": [r.name for r in todo if os.path.exists(r.result)], "failed": [], "preempted": []}
     pending = [r for r in todo if not os.path.exists(r.result)]
     running: list[Run] = []
     begin = time.perf_counter()
-    while pending or running:
-        while pending and len(running) < jobs:
+    stop: list[int] = []  # SIGTERM/SIGINT: start nothing more, let the runs checkpoint, record their attempts
+
+    def on_signal(signum, frame):
+        if not stop:
+            print(f"[study] {signal.Signals(signum).name}: stopping the running runs at their next step", flush=True)
+            for run in running:
+                run.process.send_signal(signal.SIGTERM)  # EPOTrainer: finish the step, checkpoint, exit 75
+        stop.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _loop(pending, running, jobs, poll_s, stop, report, begin)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(f"[study] {grid_name}: {report}", flush=True)
+    return report
+
+
+def _loop(pending, running, jobs, poll_s, stop, report, begin) -> None:
+    while (pending and not stop) or running:
+        while pending and not stop and len(running) < jobs:
             run = pending.pop(0)
             run.start()
             running.append(run)
@@ -247,14 +273,14 @@ def run_grid(
         for run in [r for r in running if r.reap()]:
             running.remove(run)
             ok = run.finish()
-            report["done" if ok else "failed"].append(run.name)
+            preempted = not ok and run.process.returncode == PREEMPTED_EXIT
+            status = "done" if ok else "preempted" if preempted else "failed"
+            report[status].append(run.name)
             print(
-                f"[study] {'done' if ok else 'FAILED'} {run.name} rc={run.process.returncode} "
+                f"[study] {status if ok or preempted else 'FAILED'} {run.name} rc={run.process.returncode} "
                 f"({(time.perf_counter() - begin) / 60:.1f} min elapsed; log: {run.run_dir}/train.log)",
                 flush=True,
             )
-    print(f"[study] {grid_name}: {report}", flush=True)
-    return report
 
 
 def refresh_curves(results_dir: str) -> list[str]:

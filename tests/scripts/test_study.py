@@ -106,3 +106,44 @@ def test_smoke_grid_runs_resumes_skips_and_summarizes(tmp_path):
         curves = json.load(f)["curves"]
     assert len(curves["entropy"]) == 4 and [e["step"] for e in curves["eval"]] == [0, 2, 4]
     assert curves["anchor_coverage"] == [None] * 4  # a GRPO arm logs no GiGPO anchors
+
+
+@pytest.mark.slow
+def test_a_stopped_grid_records_the_preempted_attempt_and_resumes_it(tmp_path):
+    """SIGTERM to the runner: the running run finishes its step, checkpoints and exits 75; the runner records that
+    attempt (wall and CPU seconds), starts nothing more and exits 75; the next launch resumes the run from there."""
+    import signal
+    import time
+
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["--grid", "smoke", "--jobs", "1", "--runs_dir", runs, "--results_dir", results]
+    runner = subprocess.Popen(
+        [sys.executable, STUDY, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    run_dir = os.path.join(runs, "smoke", "grpo_seed0")
+    log, deadline = os.path.join(run_dir, "train.log"), time.time() + 300
+    while time.time() < deadline and runner.poll() is None:  # wait for the first optimizer step of 4
+        if os.path.exists(log) and "'loss'" in open(log).read():
+            break
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=300)
+    assert runner.returncode == 75, out[-3000:]
+    assert "preempted grpo_seed0 rc=75" in out and "'preempted': ['grpo_seed0']" in out
+    assert not os.path.exists(os.path.join(results, "smoke", "grpo_seed0.json"))
+    with open(os.path.join(run_dir, "study_attempts.json")) as f:
+        (attempt,) = json.load(f)
+    assert attempt["returncode"] == 75 and attempt["wall_s"] > 0 and attempt["cpu_s"] > 0
+    with open(os.path.join(run_dir, "epo_preempted.json")) as f:
+        stopped_at = json.load(f)["global_step"]
+    assert 1 <= stopped_at < 4
+
+    resumed = study(*args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    with open(os.path.join(results, "smoke", "grpo_seed0.json")) as f:
+        result = json.load(f)
+    first, second = result["attempts"]
+    assert first["returncode"] == 75 and second["resumed_from"].endswith(f"checkpoint-{stopped_at}")
+    assert result["wall_s"] == pytest.approx(first["wall_s"] + second["wall_s"])
+    assert len(result["curves"]["entropy"]) == 4
